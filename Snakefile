@@ -1,0 +1,23 @@
+# RL4Med-DDPO: RL-guided dermoscopy image synthesis (Saremi et al.), as a workflow.
+#   data -> stage i (fine-tune SD) -> attribute classifier -> stage ii (DDPO) -> evaluation
+# Each stage lives in rules/<stage>.smk; the science lives in the rl4med package.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+report: "report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

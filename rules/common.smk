@@ -1,0 +1,43 @@
+import os
+import re
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+# No model hub at run time: every weight comes from a local path in the config.
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+def validate_config(cfg):
+    """Validate against the schema (filling defaults); on error, name the key in one line."""
+    try:
+        validate(cfg, schema="../schemas/config.schema.yaml", set_default=True)
+    except WorkflowError as err:
+        text = str(err)
+        what = re.search(r"ValidationError: (.*)", text)
+        where = re.search(r"On instance((?:\[[^\]]*\])*)", text)
+        key = ".".join(re.findall(r"\['?([^'\]]*)'?\]", where.group(1))) if where else ""
+        raise WorkflowError(
+            f"Invalid config at key '{key or '<top level>'}': "
+            f"{what.group(1) if what else text}. "
+            "The keys and their types are in schemas/config.schema.yaml."
+        ) from None
+
+
+validate_config(config)
+
+DATA_SOURCE = config["data"]["source"]
+MANIFEST = "results/data/manifest.csv"
+TABLE1 = "results/data/table1.tsv"
+
+
+def resource(rule_name, key):
+    """Resource of a rule from config["resources"], falling back to resources.default."""
+    defaults = {"cpus": 1, "mem_mb": 4000, "runtime": 60, "gpus": 0}
+    table = config.get("resources", {})
+    return table.get(rule_name, {}).get(key, table.get("default", {}).get(key, defaults[key]))
+
+
+def all_targets():
+    """Final outputs of the workflow; grows stage by stage."""
+    return [MANIFEST, TABLE1]

@@ -1,0 +1,90 @@
+"""Atomic file and folder writes: an output is either complete or absent, never half-written."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pandas as pd
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; it replaces ``path`` only on success."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write a CSV (``.csv``) or TSV (anything else) atomically."""
+    sep = "," if str(path).endswith(".csv") else "\t"
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, sep=sep, index=False)
+
+
+def setup_logging(log_file: str | os.PathLike[str] | None = None) -> logging.Logger:
+    """Log to the rule's log file, so Snakemake keeps a record of every job.
+
+    With a log file, stderr (tqdm progress bars, warnings) is redirected there too.
+    """
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        sys.stderr = open(log_file, "w", buffering=1)  # noqa: SIM115 - lives as long as the job
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    return logging.getLogger("rl4med")
+
+
+def run_step(step: Callable[[], object], log_file: str | os.PathLike[str] | None) -> None:
+    """Run a workflow step: log to its log file; bad input ends it with the message, no traceback.
+
+    ``ValueError`` (and its subclass ``DataError``) means the user's input is wrong: the message
+    names the file/key/row, so a stack trace would only hide it.
+    """
+    log = setup_logging(log_file)
+    try:
+        step()
+    except ValueError as err:
+        log.error("%s", err)
+        where = f" (see {log_file})" if log_file else ""
+        print(f"rl4med: error{where}: {err}", file=sys.__stderr__)
+        raise SystemExit(1) from None

@@ -1,0 +1,162 @@
+"""The Snakemake workflow itself: schema, dry runs, lint and an end-to-end micro run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from rl4med.data.manifest import read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(*args, cwd, check=True):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def write_config(path, cfg):
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def load(name):
+    return yaml.safe_load((REPO / name).read_text())
+
+
+def jobs(proc):
+    """Job counts from a dry run's 'Job stats' table."""
+    lines = proc.stdout.splitlines()
+    start = lines.index("Job stats:") + 3
+    counts = {}
+    for line in lines[start:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_default_config_dry_run_lists_the_data_jobs(tmp_path):
+    proc = snakemake("-n", "--configfile", str(REPO / "config.yaml"), cwd=tmp_path)
+    assert jobs(proc) == {"synthetic_data": 1, "table1": 1, "all": 1}
+
+
+def test_paper_scale_config_dry_runs_without_the_data(tmp_path):
+    proc = snakemake("-n", "--configfile", str(REPO / "config/isic2019.yaml"), cwd=tmp_path)
+    assert jobs(proc) == {"isic2019_manifest": 1, "table1": 1, "all": 1}
+
+
+def test_lint_is_clean():
+    proc = snakemake("--lint", cwd=REPO)
+    assert "Lints for" not in proc.stdout + proc.stderr
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda c: c["data"]["synthetic"].update(n_images="many"),
+            "Invalid config at key 'data.synthetic.n_images': 'many' is not of type 'integer'",
+        ),
+        (
+            lambda c: c["data"]["synthetic"].update(colour="red"),
+            "Invalid config at key 'data.synthetic': Additional properties are not allowed "
+            "('colour' was unexpected)",
+        ),
+        (lambda c: c.update(dataa={}), "('dataa' was unexpected)"),
+        (
+            lambda c: c["data"].update(source="isic"),
+            "Invalid config at key 'data.source': 'isic' is not one of ['synthetic', 'isic2019']",
+        ),
+        (
+            lambda c: c["data"]["synthetic"]["artifacts"]["ink"].update(MEL=1.5),
+            "Invalid config at key 'data.synthetic.artifacts.ink.MEL': 1.5 is greater than the "
+            "maximum of 1",
+        ),
+        (
+            lambda c: c["resources"].update(synthetic_data={"mem_mb": "4G"}),
+            "Invalid config at key 'resources.synthetic_data.mem_mb': "
+            "'4G' is not of type 'integer'",
+        ),
+    ],
+)
+def test_schema_rejects_bad_configs_naming_the_key(tmp_path, edit, message):
+    cfg = load("config.yaml")
+    edit(cfg)
+    proc = snakemake(
+        "-n", "--configfile", write_config(tmp_path / "c.yaml", cfg), cwd=tmp_path, check=False
+    )
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+
+
+def test_micro_workflow_end_to_end(tmp_path):
+    """The whole workflow on config/micro.yaml, then the report; a rerun has nothing to do."""
+    config = str(REPO / "config/micro.yaml")
+    snakemake("--cores", "2", "--configfile", config, cwd=tmp_path)
+    cfg = load("config/micro.yaml")["data"]["synthetic"]
+    df = read_manifest(tmp_path / "results/data/manifest.csv")
+    assert len(df) == cfg["n_images"]
+    assert all(os.path.isfile(p) for p in df["path"])
+    t1 = pd.read_csv(tmp_path / "results/data/table1.tsv", sep="\t").set_index("Split")
+    assert t1.loc["Total", "Images"] == cfg["n_images"]
+    assert t1.loc["Total", "Melanoma"] == df["MEL"].sum()
+    assert t1.loc[["Train", "Validation", "Test"], "Images"].sum() == cfg["n_images"]
+    for log in ("synthetic_data", "table1"):
+        assert (tmp_path / f"logs/data/{log}.log").stat().st_size > 0
+    assert (
+        "generated 240 images of 32 px" in (tmp_path / "logs/data/synthetic_data.log").read_text()
+    )
+    snakemake("--configfile", config, "--report", "results/report.html", cwd=tmp_path)
+    assert (tmp_path / "results/report.html").stat().st_size > 10_000
+    proc = snakemake("-n", "--configfile", config, cwd=tmp_path)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_isic_workflow_on_a_fixture(isic):
+    tmp, gt, _, cfg = isic
+    config = {"data": {"source": "isic2019", "isic2019": cfg}}
+    path = write_config(tmp / "isic.yaml", config)
+    snakemake("--cores", "1", "--configfile", path, cwd=tmp)
+    df = read_manifest(tmp / "results/data/manifest.csv")
+    assert len(df) == int(((gt.MEL == 1) | (gt.NV == 1)).sum())
+
+
+def test_isic_bad_input_fails_with_a_clear_message(isic):
+    tmp, gt, _, cfg = isic
+    gt.drop(columns=["NV"]).to_csv(tmp / "gt.csv", index=False)
+    config = {
+        "data": {"source": "isic2019", "isic2019": {**cfg, "ground_truth": str(tmp / "gt.csv")}}
+    }
+    proc = snakemake(
+        "--cores",
+        "1",
+        "--configfile",
+        write_config(tmp / "isic.yaml", config),
+        cwd=tmp,
+        check=False,
+    )
+    assert proc.returncode != 0
+    log = (tmp / "logs/data/isic2019_manifest.log").read_text()
+    assert "gt.csv: ISIC ground-truth CSV lacks column(s) NV" in log
+    assert "Traceback" not in log
+    assert not (tmp / "results/data/manifest.csv").exists()
