@@ -30,6 +30,16 @@ DATA_SOURCE = config["data"]["source"]
 MANIFEST = "results/data/manifest.csv"
 TABLE1 = "results/data/table1.tsv"
 
+# The base model of stage i. Tiny: the folder that build_sd writes. Pretrained: a local SD v1.5
+# folder, passed as a param so that the paper-scale config dry-runs where the weights are not.
+SD_KIND = config["sd"]["kind"]
+SD_BASE_INPUT = "results/models/sd_base" if SD_KIND == "tiny" else []
+
+
+def sd_base_path(wildcards, input):
+    """Folder of the stage-i base model."""
+    return input.base if SD_KIND == "tiny" else config["sd"]["path"]
+
 
 def resource(rule_name, key):
     """Resource of a rule from config["resources"], falling back to resources.default."""
@@ -40,4 +50,11 @@ def resource(rule_name, key):
 
 def all_targets():
     """Final outputs of the workflow; grows stage by stage."""
-    return [MANIFEST, TABLE1]
+    return [
+        MANIFEST,
+        TABLE1,
+        "results/models/sd",
+        expand("results/models/classifier_{role}", role=["reward", "judge"]),
+        "results/metrics/autoencoder_check.tsv",
+        "results/metrics/stage_i_prompt_adherence.tsv",
+    ]

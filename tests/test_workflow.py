@@ -12,6 +12,7 @@ import yaml
 from rl4med.data.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
+MANIFEST = "results/data/manifest.csv"
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
 pytestmark = pytest.mark.workflow
@@ -56,12 +57,29 @@ def jobs(proc):
 
 def test_default_config_dry_run_lists_the_data_jobs(tmp_path):
     proc = snakemake("-n", "--configfile", str(REPO / "config.yaml"), cwd=tmp_path)
-    assert jobs(proc) == {"synthetic_data": 1, "table1": 1, "all": 1}
+    assert jobs(proc) == {
+        "synthetic_data": 1,
+        "table1": 1,
+        "build_sd": 1,
+        "finetune_sd": 1,
+        "train_classifier": 2,
+        "autoencoder_check": 1,
+        "stage_i_check": 1,
+        "all": 1,
+    }
 
 
 def test_paper_scale_config_dry_runs_without_the_data(tmp_path):
     proc = snakemake("-n", "--configfile", str(REPO / "config/isic2019.yaml"), cwd=tmp_path)
-    assert jobs(proc) == {"isic2019_manifest": 1, "table1": 1, "all": 1}
+    assert jobs(proc) == {
+        "isic2019_manifest": 1,
+        "table1": 1,
+        "finetune_sd": 1,
+        "train_classifier": 2,
+        "autoencoder_check": 1,
+        "stage_i_check": 1,
+        "all": 1,
+    }
 
 
 def test_lint_is_clean():
@@ -121,8 +139,27 @@ def test_micro_workflow_end_to_end(tmp_path):
     assert t1.loc["Total", "Images"] == cfg["n_images"]
     assert t1.loc["Total", "Melanoma"] == df["MEL"].sum()
     assert t1.loc[["Train", "Validation", "Test"], "Images"].sum() == cfg["n_images"]
-    for log in ("synthetic_data", "table1"):
-        assert (tmp_path / f"logs/data/{log}.log").stat().st_size > 0
+    for log in (
+        "data/synthetic_data",
+        "data/table1",
+        "models/build_sd",
+        "models/finetune_sd",
+        "models/train_classifier_reward",
+        "models/train_classifier_judge",
+        "models/autoencoder_check",
+        "models/stage_i_check",
+    ):
+        assert (tmp_path / f"logs/{log}.log").stat().st_size > 0, log
+    loss = pd.read_csv(tmp_path / "results/models/sd_loss.tsv", sep="\t")
+    assert loss["step"].iloc[-1] == load("config/micro.yaml")["finetune_sd"]["max_steps"]
+    for role in ("reward", "judge"):
+        m = pd.read_csv(tmp_path / f"results/metrics/classifier_{role}_test.tsv", sep="\t")
+        assert m["attribute"].tolist()[:6] == ["MEL", "NV", "hair", "gel_bubbles", "ink", "ruler"]
+    ae = pd.read_csv(tmp_path / "results/metrics/autoencoder_check.tsv", sep="\t")
+    assert ae["exact_match"].iloc[1] == ae["exact_match"].iloc[0]  # lossless patches
+    adherence = pd.read_csv(tmp_path / "results/metrics/stage_i_prompt_adherence.tsv", sep="\t")
+    assert len(adherence) == 2 * 10 and set(adherence["classifier"]) == {"reward", "judge"}
+    assert (tmp_path / "results/figures/stage_i_samples.png").stat().st_size > 1000
     assert (
         "generated 240 images of 32 px" in (tmp_path / "logs/data/synthetic_data.log").read_text()
     )
@@ -134,9 +171,9 @@ def test_micro_workflow_end_to_end(tmp_path):
 
 def test_isic_workflow_on_a_fixture(isic):
     tmp, gt, _, cfg = isic
-    config = {"data": {"source": "isic2019", "isic2019": cfg}}
+    config = {**load("config/micro.yaml"), "data": {"source": "isic2019", "isic2019": cfg}}
     path = write_config(tmp / "isic.yaml", config)
-    snakemake("--cores", "1", "--configfile", path, cwd=tmp)
+    snakemake("results/data/table1.tsv", "--cores", "1", "--configfile", path, cwd=tmp)
     df = read_manifest(tmp / "results/data/manifest.csv")
     assert len(df) == int(((gt.MEL == 1) | (gt.NV == 1)).sum())
 
@@ -145,16 +182,11 @@ def test_isic_bad_input_fails_with_a_clear_message(isic):
     tmp, gt, _, cfg = isic
     gt.drop(columns=["NV"]).to_csv(tmp / "gt.csv", index=False)
     config = {
-        "data": {"source": "isic2019", "isic2019": {**cfg, "ground_truth": str(tmp / "gt.csv")}}
+        **load("config/micro.yaml"),
+        "data": {"source": "isic2019", "isic2019": {**cfg, "ground_truth": str(tmp / "gt.csv")}},
     }
-    proc = snakemake(
-        "--cores",
-        "1",
-        "--configfile",
-        write_config(tmp / "isic.yaml", config),
-        cwd=tmp,
-        check=False,
-    )
+    path = write_config(tmp / "isic.yaml", config)
+    proc = snakemake(MANIFEST, "--cores", "1", "--configfile", path, cwd=tmp, check=False)
     assert proc.returncode != 0
     log = (tmp / "logs/data/isic2019_manifest.log").read_text()
     assert "gt.csv: ISIC ground-truth CSV lacks column(s) NV" in log

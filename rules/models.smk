@@ -1,0 +1,148 @@
+# Models: Stable Diffusion (tiny from config, or a local SD v1.5 folder), stage i fine-tuning,
+# the 6-head attribute classifiers (reward and judge) and the checks made before DDPO.
+
+if SD_KIND == "tiny":
+
+    rule build_sd:
+        output:
+            model=directory("results/models/sd_base"),
+        log:
+            "logs/models/build_sd.log",
+        params:
+            tiny=config["sd"]["tiny"],
+        threads: 1
+        resources:
+            mem_mb=resource("build_sd", "mem_mb"),
+            runtime=resource("build_sd", "runtime"),
+        conda:
+            "../envs/torch.yaml"
+        script:
+            "../scripts/build_sd.py"
+
+
+rule finetune_sd:
+    input:
+        manifest=MANIFEST,
+        base=SD_BASE_INPUT,
+    output:
+        model=directory("results/models/sd"),
+        loss=report(
+            "results/models/sd_loss.tsv",
+            caption="../report/sd_loss.rst",
+            category="Stage i",
+            labels={"table": "stage i loss curve"},
+        ),
+    log:
+        "logs/models/finetune_sd.log",
+    params:
+        sd=config["sd"],
+        base=sd_base_path,
+        cfg=config["finetune_sd"],
+        # kept outside the outputs so a killed job resumes from them
+        checkpoints="results/checkpoints/finetune_sd",
+    threads: resource("finetune_sd", "cpus")
+    resources:
+        mem_mb=resource("finetune_sd", "mem_mb"),
+        runtime=resource("finetune_sd", "runtime"),
+        gpus=resource("finetune_sd", "gpus"),
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/finetune_sd.py"
+
+
+rule train_classifier:
+    input:
+        manifest=MANIFEST,
+    output:
+        model=directory("results/models/classifier_{role}"),
+        metrics=report(
+            "results/metrics/classifier_{role}_test.tsv",
+            caption="../report/classifier_test.rst",
+            category="Classifiers",
+            labels={"classifier": "{role}", "table": "test metrics"},
+        ),
+        noise=report(
+            "results/metrics/classifier_{role}_noise.tsv",
+            caption="../report/classifier_noise.rst",
+            category="Classifiers",
+            labels={"classifier": "{role}", "table": "noise robustness"},
+        ),
+    log:
+        "logs/models/train_classifier_{role}.log",
+    params:
+        cfg=lambda wc: config["classifier"][wc.role],
+    wildcard_constraints:
+        role="reward|judge",
+    threads: resource("train_classifier", "cpus")
+    resources:
+        mem_mb=resource("train_classifier", "mem_mb"),
+        runtime=resource("train_classifier", "runtime"),
+        gpus=resource("train_classifier", "gpus"),
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/train_classifier.py"
+
+
+rule autoencoder_check:
+    input:
+        manifest=MANIFEST,
+        sd="results/models/sd",
+        classifier="results/models/classifier_reward",
+    output:
+        table=report(
+            "results/metrics/autoencoder_check.tsv",
+            caption="../report/autoencoder_check.rst",
+            category="Stage i",
+            labels={"table": "autoencoder check"},
+        ),
+    log:
+        "logs/models/autoencoder_check.log",
+    params:
+        device=config["sd"]["device"],
+        dtype=config["sd"]["dtype"],
+    threads: resource("autoencoder_check", "cpus")
+    resources:
+        mem_mb=resource("autoencoder_check", "mem_mb"),
+        runtime=resource("autoencoder_check", "runtime"),
+        gpus=resource("autoencoder_check", "gpus"),
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/autoencoder_check.py"
+
+
+rule stage_i_check:
+    input:
+        sd="results/models/sd",
+        reward="results/models/classifier_reward",
+        judge="results/models/classifier_judge",
+    output:
+        table=report(
+            "results/metrics/stage_i_prompt_adherence.tsv",
+            caption="../report/stage_i_check.rst",
+            category="Stage i",
+            labels={"table": "prompt adherence"},
+        ),
+        grid=report(
+            "results/figures/stage_i_samples.png",
+            caption="../report/stage_i_samples.rst",
+            category="Stage i",
+            labels={"figure": "samples"},
+        ),
+    log:
+        "logs/models/stage_i_check.log",
+    params:
+        cfg=config["stage_i_check"],
+        device=config["sd"]["device"],
+        dtype=config["sd"]["dtype"],
+    threads: resource("stage_i_check", "cpus")
+    resources:
+        mem_mb=resource("stage_i_check", "mem_mb"),
+        runtime=resource("stage_i_check", "runtime"),
+        gpus=resource("stage_i_check", "gpus"),
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/stage_i_check.py"

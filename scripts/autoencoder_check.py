@@ -1,0 +1,25 @@
+"""Snakemake entry point: the classifier on originals vs autoencoder reconstructions."""
+
+import sys
+from pathlib import Path
+
+smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
+# the package from this workflow's own src/, also inside conda envs that hold only its deps
+sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
+
+from rl4med.io import run_step, write_table
+from rl4med.models.checks import autoencoder_check
+from rl4med.models.classifier import load_classifier
+from rl4med.models.sd import DTYPES, load_sd, resolve_device
+from rl4med.runtime import configure_torch
+
+
+def main() -> None:
+    configure_torch(smk.threads)
+    device = resolve_device(smk.params.device)
+    sd = load_sd(smk.input.sd, device, DTYPES[smk.params.dtype])
+    clf = load_classifier(smk.input.classifier, device)
+    write_table(autoencoder_check(sd, clf, smk.input.manifest), smk.output.table)
+
+
+run_step(main, smk.log[0])

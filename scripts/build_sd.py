@@ -1,0 +1,19 @@
+"""Snakemake entry point: build the tiny Stable Diffusion from config and save it as a folder."""
+
+import sys
+from pathlib import Path
+
+smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
+# the package from this workflow's own src/, also inside conda envs that hold only its deps
+sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
+
+from rl4med.io import run_step
+from rl4med.models.sd import build_tiny_sd
+
+
+def main() -> None:
+    sd = build_tiny_sd(smk.params.tiny, int(smk.params.tiny["image_size"]))
+    sd.save_pretrained(smk.output.model)
+
+
+run_step(main, smk.log[0])

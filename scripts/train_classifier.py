@@ -1,0 +1,22 @@
+"""Snakemake entry point: train the 6-head attribute classifier (reward or judge)."""
+
+import sys
+from pathlib import Path
+
+smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
+# the package from this workflow's own src/, also inside conda envs that hold only its deps
+sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
+
+from rl4med.io import run_step
+from rl4med.models.classifier import train_classifier
+from rl4med.runtime import configure_torch
+
+
+def main() -> None:
+    configure_torch(smk.threads, int(smk.params.cfg["seed"]))
+    train_classifier(
+        smk.input.manifest, smk.output.model, smk.output.metrics, smk.output.noise, smk.params.cfg
+    )
+
+
+run_step(main, smk.log[0])

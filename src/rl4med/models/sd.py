@@ -1,0 +1,227 @@
+"""One Stable Diffusion loader: a local SD v1.5 folder (clusters) or a tiny model built from config.
+
+Both end up as the same diffusers folder layout (``unet/ vae/ text_encoder/ tokenizer/
+scheduler/``), so every later rule loads a local folder exactly as it would load SD v1.5, with
+``from_pretrained(path, local_files_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
+
+from rl4med.io import atomic_dir
+from rl4med.models.autoencoder import PatchAutoencoder
+from rl4med.models.tokenizer import train_prompt_tokenizer
+
+log = logging.getLogger(__name__)
+
+COMPONENTS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_CONFIG_FILES = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": "tokenizer_config.json",
+    "scheduler": "scheduler_config.json",
+}
+_VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "PatchAutoencoder": PatchAutoencoder}
+
+
+class ModelFolderError(ValueError):
+    """A model folder is missing or incomplete; the message names what is missing."""
+
+
+@dataclass
+class StableDiffusion:
+    """The parts of a latent text-to-image diffusion model; only the UNet is ever trained."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL | PatchAutoencoder
+    text_encoder: CLIPTextModel
+    tokenizer: PreTrainedTokenizerBase
+    scheduler: DDPMScheduler
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def image_size(self) -> int:
+        """Pixel size of generated images: latent size x the autoencoder's downsampling."""
+        return int(self.unet.config.sample_size) * self.vae_downsampling
+
+    @property
+    def vae_downsampling(self) -> int:
+        if isinstance(self.vae, PatchAutoencoder):
+            return int(self.vae.config.patch_size)
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def freeze_frozen_parts(self) -> None:
+        """VAE and text encoder stay frozen (paper 2.2): no gradients, eval mode."""
+        for module in (self.vae, self.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> StableDiffusion:
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
+        return self
+
+    @torch.no_grad()
+    def encode_prompts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings (B, L, D) from the frozen text encoder."""
+        ids = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents (the diffusion model's x_0).
+
+        The posterior mode, not a sample: SD's VAE posterior std is tiny, and a deterministic
+        encoder keeps training exactly resumable.
+        """
+        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        return dist.mode() * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (not clamped)."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+
+    def ddim_scheduler(self) -> DDIMScheduler:
+        """A DDIM sampler with the training noise schedule and prediction type."""
+        return DDIMScheduler.from_config(self.scheduler.config)
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
+        """Write a diffusers folder atomically (a half-written model never looks complete)."""
+        with atomic_dir(path) as tmp:
+            for name in COMPONENTS:
+                getattr(self, name).save_pretrained(tmp / name)
+            index = {name: type(getattr(self, name)).__name__ for name in COMPONENTS}
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def check_model_folder(path: str | os.PathLike[str]) -> Path:
+    """Raise ``ModelFolderError`` naming every missing component of a diffusers SD folder."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelFolderError(f"{root}: Stable Diffusion folder not found (sd.path)")
+    missing = [
+        f"{name}/{_CONFIG_FILES[name]}"
+        for name in COMPONENTS
+        if not (root / name / _CONFIG_FILES[name]).is_file()
+    ]
+    weights = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+    for name in ("unet", "text_encoder"):
+        if (root / name).is_dir() and not any((root / name / w).is_file() for w in weights):
+            missing.append(f"{name}/*.safetensors")
+    if missing:
+        raise ModelFolderError(
+            f"{root}: incomplete Stable Diffusion folder, missing {', '.join(missing)}; "
+            "a diffusers folder has unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+        )
+    return root
+
+
+def load_sd(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> StableDiffusion:
+    """Load SD v1.5 or a saved tiny model from a local folder; nothing is downloaded."""
+    root = check_model_folder(path)
+    # safetensors only: a pickled .bin checkpoint is refused rather than executed
+    kw: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, "torch_dtype": dtype}
+    vae_class = json.loads((root / "vae" / "config.json").read_text()).get("_class_name")
+    if vae_class not in _VAE_CLASSES:
+        raise ModelFolderError(
+            f"{root / 'vae' / 'config.json'}: unknown autoencoder class {vae_class!r}; "
+            f"expected one of {', '.join(_VAE_CLASSES)}"
+        )
+    if vae_class == "PatchAutoencoder":  # parameter-free: its config is all there is
+        vae = PatchAutoencoder.from_config(PatchAutoencoder.load_config(root / "vae"))
+        torch.nn.Module.to(vae, dtype)  # no weights to keep in float32
+    else:
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
+    sd = StableDiffusion(
+        unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw),
+        vae=vae,
+        text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw),
+        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
+        scheduler=DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True),
+    )
+    sd.freeze_frozen_parts()
+    return sd.to(device)
+
+
+def build_tiny_sd(cfg: Mapping[str, Any], image_size: int) -> StableDiffusion:
+    """A small SD with random weights, built from ``config["sd"]["tiny"]`` (seeded)."""
+    torch.manual_seed(int(cfg.get("seed", 0)))
+    patch = int(cfg["patch_size"])
+    if image_size % (patch * 4):
+        raise ValueError(
+            f"sd.tiny.patch_size={patch}: the image size {image_size} must be divisible by "
+            f"4 x patch_size so the UNet can downsample twice"
+        )
+    tokenizer = train_prompt_tokenizer(int(cfg.get("max_prompt_tokens", 20)))
+    te = dict(cfg["text_encoder"])
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **te,
+        )
+    )
+    vae = PatchAutoencoder(patch_size=patch, in_channels=3, scaling_factor=1.0)
+    u = dict(cfg["unet"])
+    unet = UNet2DConditionModel(
+        sample_size=image_size // patch,
+        in_channels=vae.latent_channels,
+        out_channels=vae.latent_channels,
+        cross_attention_dim=int(te["hidden_size"]),
+        **u,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+        beta_schedule=str(cfg.get("beta_schedule", "squaredcos_cap_v2")),
+        prediction_type=str(cfg.get("prediction_type", "sample")),
+        clip_sample=False,
+    )
+    sd = StableDiffusion(unet, vae, text_encoder, tokenizer, scheduler)
+    sd.freeze_frozen_parts()
+    n_unet = sum(p.numel() for p in unet.parameters())
+    log.info(
+        "tiny SD: UNet %.2fM parameters, latents %dx%dx%d",
+        n_unet / 1e6,
+        vae.latent_channels,
+        image_size // patch,
+        image_size // patch,
+    )
+    return sd
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -1,0 +1,79 @@
+"""Plain text-to-image sampling with DDIM and classifier-free guidance (no log-probs).
+
+Initial noise and every step's noise come from per-sample seeds, so two models given the same
+seeds start from the same noise: their samples are paired.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from rl4med.models.sd import StableDiffusion
+from rl4med.prompts import Prompt, to_prompt
+
+
+def initial_noise(sd: StableDiffusion, seeds: Sequence[int]) -> torch.Tensor:
+    """x_T for each seed (independent of batch composition)."""
+    size = int(sd.unet.config.sample_size)
+    shape = (int(sd.unet.config.in_channels), size, size)
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    )
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3)."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.inference_mode()
+def sample_images(
+    sd: StableDiffusion,
+    prompts: Sequence[str | Prompt],
+    seeds: Sequence[int],
+    num_steps: int = 20,
+    guidance_scale: float = 3.0,
+    eta: float = 0.0,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Generate one image per (prompt, seed): uint8 (B, H, W, 3)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    texts = [to_prompt(p).text for p in prompts]
+    out = []
+    for start in range(0, len(texts), batch_size):
+        chunk, chunk_seeds = texts[start : start + batch_size], seeds[start : start + batch_size]
+        out.append(_sample_batch(sd, chunk, chunk_seeds, num_steps, guidance_scale, eta))
+    return np.concatenate(out) if out else np.zeros((0, sd.image_size, sd.image_size, 3), np.uint8)
+
+
+def _sample_batch(
+    sd: StableDiffusion,
+    texts: list[str],
+    seeds: Sequence[int],
+    num_steps: int,
+    guidance_scale: float,
+    eta: float,
+) -> np.ndarray:
+    device, dtype = sd.device, sd.unet.dtype
+    sched = sd.ddim_scheduler()
+    sched.set_timesteps(num_steps, device=device)
+    cond = sd.encode_prompts(texts).to(dtype)
+    uncond = sd.encode_prompts([""]).to(dtype).expand_as(cond)
+    latents = initial_noise(sd, seeds).to(device, dtype) * sched.init_noise_sigma
+    gens = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
+    for t in sched.timesteps:
+        model_in = torch.cat([latents, latents])
+        pred = sd.unet(model_in, t, torch.cat([uncond, cond])).sample
+        pred_u, pred_c = pred.chunk(2)
+        pred = pred_u + guidance_scale * (pred_c - pred_u)
+        noise = None
+        if eta > 0:
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
+            noise = noise.to(device, dtype)
+        latents = sched.step(pred, t, latents, eta=eta, variance_noise=noise).prev_sample
+    return to_uint8(sd.decode_latents(latents.to(sd.vae.dtype)).float())

@@ -1,0 +1,395 @@
+"""Stable Diffusion loader, stage i fine-tuning, the attribute classifier and the model checks."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
+
+import rl4med.models.finetune as finetune_mod
+from rl4med.attributes import ATTRIBUTES
+from rl4med.data.synthetic import generate_dataset
+from rl4med.models.autoencoder import PatchAutoencoder
+from rl4med.models.checks import autoencoder_check
+from rl4med.models.classifier import (
+    ClassifierError,
+    binary_metrics,
+    load_classifier,
+    train_classifier,
+    tune_thresholds,
+)
+from rl4med.models.finetune import finetune
+from rl4med.models.sd import ModelFolderError, StableDiffusion, build_tiny_sd, load_sd
+from rl4med.models.tokenizer import train_prompt_tokenizer
+from rl4med.prompts import all_prompts
+from rl4med.sampling import initial_noise, sample_images
+
+TINY = {
+    "seed": 0,
+    "patch_size": 4,
+    "unet": {
+        "block_out_channels": [16, 32],
+        "layers_per_block": 1,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "attention_head_dim": 4,
+        "norm_num_groups": 8,
+    },
+    "text_encoder": {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    },
+}
+FINETUNE = {
+    "seed": 0,
+    "max_steps": 6,
+    "batch_size": 8,
+    "learning_rate": 1e-3,
+    "checkpoint_every": 3,
+    "log_every": 1,
+    "warmup_steps": 0,
+}
+CLASSIFIER = {
+    "architecture": "resnet10t",
+    "image_size": 32,
+    "seed": 0,
+    "epochs": 3,
+    "patience": 3,
+    "batch_size": 32,
+    "learning_rate": 3e-3,
+    "max_pos_weight": 10.0,
+    "noise_max": 0.1,
+    "blur_p": 0.1,
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate_dataset(
+        {"seed": 0, "n_images": 700, "image_size": 32}, root / "images", root / "manifest.csv"
+    )
+    return root / "manifest.csv"
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clf")
+    train_classifier(data, out / "model", out / "test.tsv", out / "noise.tsv", CLASSIFIER)
+    return out
+
+
+def _unet_out(sd: StableDiffusion) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    size = sd.unet.config.sample_size
+    x = torch.randn(2, sd.unet.config.in_channels, size, size, generator=g)
+    emb = sd.encode_prompts([all_prompts()[3].text, ""])
+    with torch.no_grad():
+        return sd.unet(x, torch.tensor([10, 500]), emb).sample
+
+
+def _with_kl_vae(sd: StableDiffusion) -> StableDiffusion:
+    """``sd`` with a (random) 3-level AutoencoderKL and a 4-channel UNet, as SD v1.5 has."""
+    torch.manual_seed(0)
+    sd.vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        scaling_factor=0.18215,
+    )
+    sd.unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=16, **TINY["unet"]
+    )
+    sd.freeze_frozen_parts()
+    return sd
+
+
+# ------------------------------------------------------------------------------ tokenizer, AE
+
+
+def test_prompt_tokenizer_knows_every_prompt_word(tmp_path):
+    tok = train_prompt_tokenizer(20)
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    lengths = []
+    for p in all_prompts():
+        ids = again(p.text).input_ids
+        lengths.append(len(ids))
+        assert again.unk_token_id not in ids
+        assert ids[-1] == again.eos_token_id  # nothing cut off
+        assert ids == tok(p.text).input_ids
+    assert max(lengths) == 17
+    with pytest.raises(ValueError, match="max_prompt_tokens=16 is too short"):
+        train_prompt_tokenizer(16)
+    assert again("a dermoscopic image with tattoos").input_ids.count(again.unk_token_id) == 1
+
+
+def test_patch_autoencoder_is_lossless():
+    ae = PatchAutoencoder(patch_size=4)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    z = ae.encode(x).latent_dist.sample()
+    assert z.shape == (3, 48, 8, 8)
+    assert torch.equal(ae.decode(z).sample, x)
+
+
+# ------------------------------------------------------------------------------ loader
+
+
+def test_tiny_build_save_reload_gives_identical_outputs(tmp_path):
+    sd = build_tiny_sd(TINY, 32)
+    assert sd.image_size == 32
+    before = _unet_out(sd)
+    sd.save_pretrained(tmp_path / "sd")
+    again = load_sd(tmp_path / "sd")
+    assert torch.equal(_unet_out(again), before)
+    assert again.scheduler.config.prediction_type == "sample"
+    assert not any(p.requires_grad for p in again.text_encoder.parameters())
+    # built again from the same config and seed: the same model
+    assert torch.equal(_unet_out(build_tiny_sd(TINY, 32)), before)
+
+
+def test_pretrained_folder_with_autoencoder_kl_loads(tmp_path):
+    sd = _with_kl_vae(build_tiny_sd(TINY, 32))
+    sd.save_pretrained(tmp_path / "sd15")
+    again = load_sd(tmp_path / "sd15")
+    assert isinstance(again.vae, AutoencoderKL)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(again.encode_images(x), sd.encode_images(x))
+    assert again.image_size == 32
+
+
+def test_missing_or_incomplete_folder_names_what_is_missing(tmp_path):
+    with pytest.raises(ModelFolderError, match="Stable Diffusion folder not found"):
+        load_sd(tmp_path / "nope")
+    build_tiny_sd(TINY, 32).save_pretrained(tmp_path / "sd")
+    shutil.rmtree(tmp_path / "sd" / "tokenizer")
+    (tmp_path / "sd" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelFolderError) as err:
+        load_sd(tmp_path / "sd")
+    assert "tokenizer/tokenizer_config.json" in str(err.value)
+    assert "unet/*.safetensors" in str(err.value)
+
+
+def test_pickled_unet_weights_are_refused(tmp_path):
+    sd = build_tiny_sd(TINY, 32)
+    sd.save_pretrained(tmp_path / "sd")
+    unet = tmp_path / "sd" / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(sd.unet.state_dict(), unet / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelFolderError, match=r"unet/\*\.safetensors"):
+        load_sd(tmp_path / "sd")
+
+
+# ------------------------------------------------------------------------------ stage i
+
+
+def _finetune(sd, data, tmp_path, **kw):
+    cfg = {**FINETUNE, **kw}
+    return finetune(sd, data, tmp_path / "out", tmp_path / "loss.tsv", tmp_path / "ckpt", cfg)
+
+
+def test_finetune_loss_decreases_and_frozen_parts_do_not_change(data, tmp_path):
+    sd = _with_kl_vae(build_tiny_sd(TINY, 32))
+    frozen = {
+        name: {k: v.clone() for k, v in getattr(sd, name).state_dict().items()}
+        for name in ("vae", "text_encoder")
+    }
+    unet_before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    curve = _finetune(
+        sd, data, tmp_path, max_steps=60, log_every=10, batch_size=16, checkpoint_every=100
+    )
+    assert curve["loss"].iloc[-1] < 0.8 * curve["loss"].iloc[0]
+    for name, state in frozen.items():
+        after = getattr(sd, name).state_dict()
+        assert all(torch.equal(after[k], v) for k, v in state.items()), name
+    assert any(not torch.equal(sd.unet.state_dict()[k], v) for k, v in unet_before.items())
+    again = load_sd(tmp_path / "out")
+    assert torch.equal(_unet_out(again), _unet_out(sd))
+    tsv = pd.read_csv(tmp_path / "loss.tsv", sep="\t")
+    assert list(tsv.columns) == ["step", "loss", "lr", "seconds"]
+    assert tsv["step"].tolist() == list(range(10, 61, 10))
+
+
+def test_finetune_resumes_after_a_kill_and_ends_identical(data, tmp_path, monkeypatch, caplog):
+    reference = build_tiny_sd(TINY, 32)
+    _finetune(reference, data, tmp_path / "ref")
+
+    calls = {"n": 0}
+    real_loss = finetune_mod.diffusion_loss
+
+    def dying_loss(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:  # killed during step 5, after the checkpoint at step 3
+            raise KeyboardInterrupt("killed")
+        return real_loss(*args, **kw)
+
+    monkeypatch.setattr(finetune_mod, "diffusion_loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        _finetune(build_tiny_sd(TINY, 32), data, tmp_path / "run")
+    assert not (tmp_path / "run" / "out").exists()
+    assert sorted(p.name for p in (tmp_path / "run" / "ckpt").iterdir()) == ["step_00000003"]
+    monkeypatch.setattr(finetune_mod, "diffusion_loss", real_loss)
+    with caplog.at_level("INFO"):
+        resumed = build_tiny_sd(TINY, 32)
+        _finetune(resumed, data, tmp_path / "run")
+    assert "resuming stage i from" in caplog.text and "step_00000003" in caplog.text
+    ref_state, state = reference.unet.state_dict(), resumed.unet.state_dict()
+    assert all(torch.equal(ref_state[k], state[k]) for k in ref_state)
+    ref_curve = pd.read_csv(tmp_path / "ref" / "loss.tsv", sep="\t")
+    curve = pd.read_csv(tmp_path / "run" / "loss.tsv", sep="\t")
+    assert np.allclose(ref_curve["loss"], curve["loss"])
+
+
+def test_checkpoints_of_another_configuration_are_not_resumed(data, tmp_path, caplog):
+    _finetune(build_tiny_sd(TINY, 32), data, tmp_path, max_steps=3)
+    with caplog.at_level("WARNING"):
+        _finetune(build_tiny_sd(TINY, 32), data, tmp_path, max_steps=3, learning_rate=5e-4)
+    assert "belongs to another configuration" in caplog.text
+
+
+# ------------------------------------------------------------------------------ classifier
+
+
+def test_classifier_learns_the_synthetic_attributes(classifier_dir):
+    metrics = pd.read_csv(classifier_dir / "test.tsv", sep="\t").set_index("attribute")
+    assert list(metrics.columns) == [
+        "precision",
+        "recall",
+        "f1",
+        "accuracy",
+        "support",
+        "threshold",
+    ]
+    assert list(metrics.index) == [*ATTRIBUTES, "exact_match"]
+    for name in ("MEL", "NV", "hair", "ruler"):
+        assert metrics.loc[name, "f1"] > 0.8, name
+    noise = pd.read_csv(classifier_dir / "noise.tsv", sep="\t")
+    assert noise["noise_sigma"].tolist() == [0.0, 0.05, 0.1, 0.2]
+
+
+def test_saved_thresholds_are_used(classifier_dir, data, tmp_path):
+    from rl4med.data.images import ManifestImages
+    from rl4med.data.manifest import read_manifest
+
+    x, _ = ManifestImages(read_manifest(data, "val"), 32).load_all()
+    clf = load_classifier(classifier_dir / "model")
+    spec = json.loads((classifier_dir / "model" / "classifier.json").read_text())
+    assert clf.thresholds.tolist() == pytest.approx(spec["thresholds"])
+    probs = clf.predict_proba(x)
+    assert np.array_equal(clf.predict(x), (probs >= np.array(spec["thresholds"])).astype(int))
+    shutil.copytree(classifier_dir / "model", tmp_path / "m")
+    spec["thresholds"] = [0.999] * 6
+    (tmp_path / "m" / "classifier.json").write_text(json.dumps(spec))
+    strict = load_classifier(tmp_path / "m")
+    assert strict.predict(x).sum() < clf.predict(x).sum()
+
+
+def test_binary_metrics_on_constructed_predictions():
+    y = np.zeros((10, 6), int)
+    p = np.zeros((10, 6), int)
+    y[:4, 2] = 1  # hair: 4 positives
+    p[:2, 2] = 1  # 2 found
+    p[9, 2] = 1  # 1 false positive
+    m = binary_metrics(y, p).set_index("attribute")
+    assert m.loc["hair", "precision"] == pytest.approx(2 / 3)
+    assert m.loc["hair", "recall"] == pytest.approx(0.5)
+    assert m.loc["hair", "f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert m.loc["hair", "accuracy"] == pytest.approx(0.7)
+    assert m.loc["hair", "support"] == 4
+    assert m.loc["ink", "f1"] == 0.0 and m.loc["ink", "accuracy"] == 1.0
+
+
+def test_thresholds_are_tuned_per_head():
+    y = np.array([[1, 0, 0, 0, 0, 0]] * 5 + [[0, 1, 0, 0, 0, 0]] * 5)
+    probs = np.zeros((10, 6))
+    probs[:5, 0] = 0.3  # positives score 0.3, negatives 0.1: any threshold in (0.1, 0.3]
+    probs[5:, 0] = 0.1
+    probs[5:, 1] = 0.9
+    t = tune_thresholds(y, probs)
+    assert 0.1 < t[0] <= 0.3
+    assert t[1] == 0.5  # perfectly separated at 0.5 already: ties go to the nearest to 0.5
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (
+            lambda d: (d / "classifier.json").write_text(
+                json.dumps(
+                    {
+                        **json.loads((d / "classifier.json").read_text()),
+                        "attributes": ["NV", "MEL", "hair", "gel_bubbles", "ink", "ruler"],
+                    }
+                )
+            ),
+            "attribute order",
+        ),
+        (
+            lambda d: (d / "classifier.json").write_text(
+                json.dumps(
+                    {**json.loads((d / "classifier.json").read_text()), "architecture": "resnet18"}
+                )
+            ),
+            "weights do not fit architecture 'resnet18'",
+        ),
+        (
+            lambda d: (d / "model.safetensors").write_bytes(b"not a tensor file"),
+            "not a readable safetensors file",
+        ),
+        (
+            lambda d: torch.save({"x": torch.zeros(1)}, d / "model.safetensors"),
+            "not a readable safetensors file",
+        ),
+        (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
+        (
+            lambda d: save_file({"x": torch.zeros(1)}, d / "model.safetensors"),
+            "weights do not fit architecture",
+        ),
+    ],
+)
+def test_bad_classifier_files_give_clear_errors(classifier_dir, tmp_path, corrupt, message):
+    shutil.copytree(classifier_dir / "model", tmp_path / "m")
+    corrupt(tmp_path / "m")
+    with pytest.raises(ClassifierError, match=message):
+        load_classifier(tmp_path / "m")
+
+
+# ------------------------------------------------------------------------------ sampling, checks
+
+
+def test_sampling_is_paired_and_reproducible():
+    sd = build_tiny_sd(TINY, 32)
+    a = sample_images(
+        sd, ["mel__hair", "nv__none", "nv__ink"], [1, 2, 3], num_steps=3, batch_size=2
+    )
+    b = sample_images(sd, ["nv__ink"], [3], num_steps=3)
+    assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a[2], b[0])  # a sample does not depend on its batch
+    assert torch.equal(initial_noise(sd, [7, 8])[1], initial_noise(sd, [8])[0])
+    c = sample_images(sd, ["nv__ink"], [3], num_steps=3, eta=1.0)
+    assert np.array_equal(c, sample_images(sd, ["nv__ink"], [3], num_steps=3, eta=1.0))
+    assert not np.array_equal(c, b)
+
+
+def test_autoencoder_check_reports_both_rates(classifier_dir, data):
+    sd = build_tiny_sd(TINY, 32)
+    table = autoencoder_check(sd, load_classifier(classifier_dir / "model"), data)
+    assert table["images"].tolist() == ["original", "reconstruction"]
+    assert table["exact_match"].iloc[0] > 0.3
+    assert table["exact_match"].iloc[1] == table["exact_match"].iloc[0]  # lossless patches
+    assert table["ratio_to_original"].iloc[1] == 1.0
+    lossy = _with_kl_vae(build_tiny_sd(TINY, 32))  # a random KL autoencoder destroys images
+    bad = autoencoder_check(lossy, load_classifier(classifier_dir / "model"), data)
+    assert bad["ratio_to_original"].iloc[1] < 0.5
