@@ -34,6 +34,10 @@ TABLE1 = "results/data/table1.tsv"
 # folder, passed as a param so that the paper-scale config dry-runs where the weights are not.
 SD_KIND = config["sd"]["kind"]
 SD_BASE_INPUT = "results/models/sd_base" if SD_KIND == "tiny" else []
+# tiny mode's autoencoder: the lossless patch autoencoder, or a tiny AutoencoderKL that
+# vae_pretrain trains first
+TINY_AUTOENCODER = config["sd"].get("tiny", {}).get("autoencoder", "patch")
+TINY_VAE_INPUT = "results/models/vae" if TINY_AUTOENCODER == "kl" else []
 
 
 def sd_base_path(wildcards, input):

@@ -1,9 +1,40 @@
 # Models: Stable Diffusion (tiny from config, or a local SD v1.5 folder), stage i fine-tuning,
 # the 6-head attribute classifiers (reward and judge) and the checks made before DDPO.
 
+if SD_KIND == "tiny" and TINY_AUTOENCODER == "kl":
+
+    rule vae_pretrain:
+        input:
+            manifest=MANIFEST,
+        output:
+            model=directory("results/models/vae"),
+            loss=report(
+                "results/models/vae_loss.tsv",
+                caption="../report/vae_loss.rst",
+                category="Stage i",
+                labels={"table": "autoencoder loss curve"},
+            ),
+        log:
+            "logs/models/vae_pretrain.log",
+        params:
+            tiny=config["sd"]["tiny"],
+            cfg=config["vae_pretrain"],
+        threads: resource("vae_pretrain", "cpus")
+        resources:
+            mem_mb=resource("vae_pretrain", "mem_mb"),
+            runtime=resource("vae_pretrain", "runtime"),
+            gpus=resource("vae_pretrain", "gpus"),
+        conda:
+            "../envs/torch.yaml"
+        script:
+            "../scripts/vae_pretrain.py"
+
+
 if SD_KIND == "tiny":
 
     rule build_sd:
+        input:
+            vae=TINY_VAE_INPUT,
         output:
             model=directory("results/models/sd_base"),
         log:

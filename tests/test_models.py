@@ -393,3 +393,44 @@ def test_autoencoder_check_reports_both_rates(classifier_dir, data):
     lossy = _with_kl_vae(build_tiny_sd(TINY, 32))  # a random KL autoencoder destroys images
     bad = autoencoder_check(lossy, load_classifier(classifier_dir / "model"), data)
     assert bad["ratio_to_original"].iloc[1] < 0.5
+
+
+def test_vae_pretrain_learns_and_sets_the_scaling_factor(data, tmp_path):
+    from rl4med.models.vae import pretrain_vae
+
+    kl = {"block_out_channels": [8, 16], "latent_channels": 4, "norm_num_groups": 4}
+    cfg = {
+        "seed": 0,
+        "max_steps": 40,
+        "batch_size": 16,
+        "learning_rate": 3e-3,
+        "kl_weight": 1e-6,
+        "log_every": 10,
+    }
+    curve = pretrain_vae(data, tmp_path / "vae", tmp_path / "loss.tsv", kl, cfg, 32)
+    assert curve["mse"].iloc[-1] < 0.7 * curve["mse"].iloc[0]
+    vae = AutoencoderKL.from_pretrained(
+        tmp_path / "vae", local_files_only=True, use_safetensors=True
+    )
+    sd = build_tiny_sd({**TINY, "autoencoder": "kl"}, 32, vae)
+    assert sd.unet.config.in_channels == 4 and sd.unet.config.sample_size == 16
+    from rl4med.data.images import ManifestImages
+    from rl4med.data.manifest import read_manifest
+
+    x, _ = ManifestImages(read_manifest(data, "train").head(64), 32).load_all()
+    assert float(sd.encode_images(x).std()) == pytest.approx(1.0, abs=0.25)
+    with pytest.raises(ValueError, match="no pre-trained autoencoder"):
+        build_tiny_sd({**TINY, "autoencoder": "kl"}, 32)
+
+
+def test_lora_finetune_changes_only_adapters_and_saves_a_plain_unet(data, tmp_path):
+    sd = build_tiny_sd(TINY, 32)
+    base = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    _finetune(sd, data, tmp_path, max_steps=4, lora_rank=4, checkpoint_every=2)
+    ckpt = torch.load(tmp_path / "ckpt" / "step_00000004" / "optimizer.pt", weights_only=True)
+    assert ckpt["optimizer"]["state"]  # only the adapters had optimizer state
+    saved = load_sd(tmp_path / "out")
+    state = saved.unet.state_dict()
+    assert set(state) == set(base)  # merged: no lora_A/lora_B keys left
+    changed = [k for k in base if not torch.equal(state[k], base[k])]
+    assert changed and all("attn" in k for k in changed)  # only attention projections moved

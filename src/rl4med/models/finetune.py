@@ -78,6 +78,11 @@ def diffusion_loss(
     return F.mse_loss(pred.float(), target.float())
 
 
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that stage i updates (all of the UNet, or its LoRA adapters)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def _order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
@@ -94,7 +99,7 @@ def finetune(
 
     ``cfg`` is ``config["finetune_sd"]``: max_steps, batch_size, learning_rate, weight_decay,
     warmup_steps, prompt_dropout, grad_clip, checkpoint_every, log_every, seed, ema_decay (0 =
-    off), gradient_checkpointing, mixed_precision.
+    off), lora_rank (0 = full UNet), gradient_checkpointing, mixed_precision.
     """
     seed, max_steps, bs = int(cfg["seed"]), int(cfg["max_steps"]), int(cfg["batch_size"])
     accel = Accelerator(mixed_precision=str(cfg.get("mixed_precision", "no")))
@@ -102,6 +107,19 @@ def finetune(
     sd.freeze_frozen_parts()
     unet = sd.unet
     unet.train()
+    lora_rank = int(cfg.get("lora_rank", 0))
+    if lora_rank > 0:  # train low-rank adapters of the attention projections only
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(
+            LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            )
+        )
     if cfg.get("gradient_checkpointing", False):
         unet.enable_gradient_checkpointing()
     train = read_manifest(manifest_path, split="train")
@@ -110,14 +128,14 @@ def finetune(
     data = ManifestImages(train, sd.image_size)
     bank = PromptBank(sd)
     opt = torch.optim.AdamW(
-        unet.parameters(),
+        trainable(unet),
         lr=float(cfg["learning_rate"]),
         weight_decay=float(cfg.get("weight_decay", 1e-2)),
     )
     warmup = int(cfg.get("warmup_steps", 0))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
     ema_decay = float(cfg.get("ema_decay", 0.0))
-    ema = EMAModel(unet.parameters(), decay=ema_decay) if ema_decay > 0 else None
+    ema = EMAModel(trainable(unet), decay=ema_decay) if ema_decay > 0 else None
 
     history: list[dict[str, float]] = []
     start = 0
@@ -169,12 +187,12 @@ def finetune(
             )
         accel.backward(loss)
         if cfg.get("grad_clip"):
-            accel.clip_grad_norm_(unet.parameters(), float(cfg["grad_clip"]))
+            accel.clip_grad_norm_(trainable(unet), float(cfg["grad_clip"]))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(accel.unwrap_model(unet).parameters())
+            ema.step(trainable(accel.unwrap_model(unet)))
         running.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == max_steps:
             history.append(
@@ -202,7 +220,10 @@ def finetune(
     accel.wait_for_everyone()
     unet = accel.unwrap_model(unet)
     if ema is not None:
-        ema.copy_to(unet.parameters())
+        ema.copy_to(trainable(unet))
+    if lora_rank > 0:  # the saved UNet is a plain one with the adapters merged in
+        unet.fuse_lora()
+        unet.unload_lora()
     unet.eval()
     sd.unet = unet
     sd.to("cpu")

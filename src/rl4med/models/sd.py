@@ -61,9 +61,7 @@ class StableDiffusion:
 
     @property
     def vae_downsampling(self) -> int:
-        if isinstance(self.vae, PatchAutoencoder):
-            return int(self.vae.config.patch_size)
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_downsampling(self.vae)
 
     def freeze_frozen_parts(self) -> None:
         """VAE and text encoder stay frozen (paper 2.2): no gradients, eval mode."""
@@ -113,6 +111,13 @@ class StableDiffusion:
                 getattr(self, name).save_pretrained(tmp / name)
             index = {name: type(getattr(self, name)).__name__ for name in COMPONENTS}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def vae_downsampling(vae: AutoencoderKL | PatchAutoencoder) -> int:
+    """Pixels per latent position along each side."""
+    if isinstance(vae, PatchAutoencoder):
+        return int(vae.config.patch_size)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def check_model_folder(path: str | os.PathLike[str]) -> Path:
@@ -168,14 +173,25 @@ def load_sd(
     return sd.to(device)
 
 
-def build_tiny_sd(cfg: Mapping[str, Any], image_size: int) -> StableDiffusion:
-    """A small SD with random weights, built from ``config["sd"]["tiny"]`` (seeded)."""
+def build_tiny_sd(
+    cfg: Mapping[str, Any], image_size: int, vae: AutoencoderKL | None = None
+) -> StableDiffusion:
+    """A small SD with random weights, built from ``config["sd"]["tiny"]`` (seeded).
+
+    The autoencoder is the lossless patch autoencoder, or ``vae`` (a pre-trained tiny
+    AutoencoderKL) when ``cfg["autoencoder"] == "kl"``.
+    """
     torch.manual_seed(int(cfg.get("seed", 0)))
-    patch = int(cfg["patch_size"])
-    if image_size % (patch * 4):
+    kind = str(cfg.get("autoencoder", "patch"))
+    if kind == "kl" and vae is None:
+        raise ValueError("sd.tiny.autoencoder is 'kl' but no pre-trained autoencoder was given")
+    if kind == "patch":
+        vae = PatchAutoencoder(patch_size=int(cfg["patch_size"]), in_channels=3, scaling_factor=1.0)
+    down = vae_downsampling(vae)
+    if image_size % (down * 4):
         raise ValueError(
-            f"sd.tiny.patch_size={patch}: the image size {image_size} must be divisible by "
-            f"4 x patch_size so the UNet can downsample twice"
+            f"sd.tiny: the image size {image_size} must be divisible by 4 x the autoencoder's "
+            f"downsampling ({down}) so the UNet can downsample twice"
         )
     tokenizer = train_prompt_tokenizer(int(cfg.get("max_prompt_tokens", 20)))
     te = dict(cfg["text_encoder"])
@@ -189,12 +205,16 @@ def build_tiny_sd(cfg: Mapping[str, Any], image_size: int) -> StableDiffusion:
             **te,
         )
     )
-    vae = PatchAutoencoder(patch_size=patch, in_channels=3, scaling_factor=1.0)
+    latent_channels = (
+        vae.latent_channels
+        if isinstance(vae, PatchAutoencoder)
+        else int(vae.config.latent_channels)
+    )
     u = dict(cfg["unet"])
     unet = UNet2DConditionModel(
-        sample_size=image_size // patch,
-        in_channels=vae.latent_channels,
-        out_channels=vae.latent_channels,
+        sample_size=image_size // down,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         cross_attention_dim=int(te["hidden_size"]),
         **u,
     )
@@ -210,9 +230,9 @@ def build_tiny_sd(cfg: Mapping[str, Any], image_size: int) -> StableDiffusion:
     log.info(
         "tiny SD: UNet %.2fM parameters, latents %dx%dx%d",
         n_unet / 1e6,
-        vae.latent_channels,
-        image_size // patch,
-        image_size // patch,
+        latent_channels,
+        image_size // down,
+        image_size // down,
     )
     return sd
 
