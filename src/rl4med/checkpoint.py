@@ -91,3 +91,14 @@ def fingerprint(*parts: object) -> str:
     """A stable hash of settings (JSON-serialisable parts)."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file (e.g. the manifest a run trains on)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def weights_signature(module: torch.nn.Module) -> list[float]:
+    """A cheap signature of a model's weights: one sum per parameter tensor."""
+    with torch.no_grad():
+        return [round(float(p.double().sum()), 6) for p in module.parameters()]

@@ -25,7 +25,13 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from rl4med.checkpoint import fingerprint, load_latest_checkpoint, save_checkpoint
+from rl4med.checkpoint import (
+    file_digest,
+    fingerprint,
+    load_latest_checkpoint,
+    save_checkpoint,
+    weights_signature,
+)
 from rl4med.data.images import ManifestImages
 from rl4med.data.manifest import read_manifest
 from rl4med.io import write_table
@@ -139,11 +145,13 @@ def finetune(
 
     history: list[dict[str, float]] = []
     start = 0
-    # settings that change the trained weights; more steps or other logging may resume
+    # what determines the trained weights: settings (more steps or other logging may resume),
+    # the base model and the data
     run_id = fingerprint(
         {k: v for k, v in cfg.items() if k not in ("max_steps", "checkpoint_every", "log_every")},
         sd.unet.config,
-        len(data),
+        weights_signature(sd.unet),
+        file_digest(manifest_path),
     )
     ckpt = load_latest_checkpoint(checkpoint_dir, run_id)
     if ckpt is not None and ckpt.step > max_steps:
