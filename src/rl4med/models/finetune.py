@@ -36,6 +36,7 @@ from rl4med.data.images import ManifestImages
 from rl4med.data.manifest import read_manifest
 from rl4med.io import write_table
 from rl4med.models.sd import StableDiffusion
+from rl4med.models.trainable import merge_adapters, select_trainable, trainable
 from rl4med.prompts import all_prompts, prompt_from_labels
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,6 @@ def diffusion_loss(
     return F.mse_loss(pred.float(), target.float())
 
 
-def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters that stage i updates (all of the UNet, or its LoRA adapters)."""
-    return [p for p in module.parameters() if p.requires_grad]
-
-
 def _order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
@@ -114,18 +110,8 @@ def finetune(
     unet = sd.unet
     unet.train()
     lora_rank = int(cfg.get("lora_rank", 0))
-    if lora_rank > 0:  # train low-rank adapters of the attention projections only
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        unet.add_adapter(
-            LoraConfig(
-                r=lora_rank,
-                lora_alpha=lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-            )
-        )
+    # the full UNet, or low-rank adapters of the attention projections
+    select_trainable(unet, "lora" if lora_rank > 0 else "full", lora_rank)
     if cfg.get("gradient_checkpointing", False):
         unet.enable_gradient_checkpointing()
     train = read_manifest(manifest_path, split="train")
@@ -229,9 +215,7 @@ def finetune(
     unet = accel.unwrap_model(unet)
     if ema is not None:
         ema.copy_to(trainable(unet))
-    if lora_rank > 0:  # the saved UNet is a plain one with the adapters merged in
-        unet.fuse_lora()
-        unet.unload_lora()
+    merge_adapters(unet)  # with LoRA, the saved UNet is a plain one with adapters merged in
     unet.eval()
     sd.unet = unet
     sd.to("cpu")

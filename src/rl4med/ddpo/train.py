@@ -1,0 +1,234 @@
+"""Stage ii (paper 2.1-2.2, Algorithm 1): DDPO with importance sampling and PPO clipping.
+
+Each iteration samples trajectories for every prompt with the current weights (theta_old),
+scores the final images with the reward (r_A), turns rewards into per-prompt advantages and
+takes ``inner_epochs`` passes of clipped policy-gradient steps over the recorded actions (eq. 2).
+Training stops when the mean reward stops changing (Algorithm 1) or after ``max_iterations``.
+Every random draw comes from (seed, iteration) and a checkpoint is written after each
+iteration, so a killed run resumes and ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from rl4med.checkpoint import fingerprint, load_latest_checkpoint, save_checkpoint
+from rl4med.ddpo.reward import RewardFn
+from rl4med.ddpo.stats import PerPromptStatTracker
+from rl4med.ddpo.stopping import RewardPlateau
+from rl4med.ddpo.trajectories import sample_trajectories, step_log_probs
+from rl4med.io import write_table
+from rl4med.models.sd import StableDiffusion
+from rl4med.models.trainable import merge_adapters, select_trainable, trainable
+from rl4med.prompts import Prompt
+from rl4med.sampling import initial_noise
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS = (
+    "iteration",
+    "reward_mean",
+    "reward_std",
+    "approx_kl",
+    "clipfrac",
+    "loss",
+    "lr",
+    "seconds",
+)
+
+
+def ppo_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate (to minimise), approximate KL and the share of clipped ratios."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean()
+    clipfrac = ((ratio - 1).abs() > clip_range).float().mean()
+    return loss, approx_kl.detach(), clipfrac.detach()
+
+
+def train_steps(n_steps: int, mode: str, fraction: float, gen: torch.Generator) -> list[int]:
+    """Chain positions trained this iteration: all, the high-noise part, or a random subset."""
+    k = max(1, round(n_steps * fraction))
+    if mode == "all":
+        return list(range(n_steps))
+    if mode == "high_noise":
+        return list(range(k))  # position 0 is x_T, the noisiest state
+    if mode == "random":
+        return sorted(torch.randperm(n_steps, generator=gen)[:k].tolist())
+    raise ValueError(f"ddpo.train_timesteps {mode!r}: use all, high_noise or random")
+
+
+def ddpo_train(
+    sd: StableDiffusion,
+    reward_fn: RewardFn,
+    prompts: Sequence[Prompt],
+    cfg: Mapping[str, Any],
+    out_dir: str | Path,
+    log_tsv: str | Path,
+    checkpoint_dir: str | Path,
+) -> pd.DataFrame:
+    """Fine-tune ``sd.unet`` with DDPO; save the model to ``out_dir`` and the log to ``log_tsv``.
+
+    ``cfg`` (``config["ddpo"]``): seed, max_iterations, samples_per_prompt, num_steps, eta,
+    guidance_scale, inner_epochs, batch_size, clip_range, adv_clip_max, learning_rate,
+    weight_decay, max_grad_norm, trainable (full/lora/cross_attention), lora_rank,
+    train_timesteps (all/high_noise/random), timestep_fraction, buffer_size, min_count,
+    stop_epsilon, stop_patience.
+    """
+    seed = int(cfg["seed"])
+    dev = sd.device
+    unet = sd.unet
+    select_trainable(unet, str(cfg.get("trainable", "full")), int(cfg.get("lora_rank", 0)))
+    params = trainable(unet)
+    opt = torch.optim.AdamW(
+        params, lr=float(cfg["learning_rate"]), weight_decay=float(cfg.get("weight_decay", 1e-4))
+    )
+    sched = sd.ddim_scheduler()
+    sched.set_timesteps(int(cfg["num_steps"]), device=dev)
+    texts = [p.text for p in prompts]
+    embeddings = sd.encode_prompts(texts)
+    null = sd.encode_prompts([""])
+    tracker = PerPromptStatTracker(int(cfg.get("buffer_size", 32)), int(cfg.get("min_count", 16)))
+    stopper = RewardPlateau(
+        float(cfg["stop_epsilon"]), int(cfg["stop_patience"]), int(cfg["max_iterations"])
+    )
+    history: list[dict[str, float]] = []
+    start = 0
+    run_id = fingerprint(
+        {k: v for k, v in cfg.items() if k != "max_iterations"}, texts, unet.config
+    )
+    ckpt = load_latest_checkpoint(checkpoint_dir, run_id)
+    if ckpt is not None:
+        unet.load_state_dict(ckpt.model)
+        opt.load_state_dict(ckpt.extra["optimizer"])
+        tracker.load_state_dict(ckpt.state["tracker"])
+        stopper.history, stopper.calm = ckpt.state["stopper"], int(ckpt.state["calm"])
+        history, start = ckpt.state["history"], ckpt.step
+        log.info("resuming DDPO from %s/step_%08d", checkpoint_dir, start)
+    reason = ckpt.state.get("stop_reason") if ckpt is not None else None
+
+    n_per = int(cfg["samples_per_prompt"])
+    guidance, eta = float(cfg["guidance_scale"]), float(cfg.get("eta", 1.0))
+    clip_range, adv_max = float(cfg["clip_range"]), float(cfg["adv_clip_max"])
+    bs, inner = int(cfg["batch_size"]), int(cfg["inner_epochs"])
+    iteration = start
+    bar = tqdm(total=int(cfg["max_iterations"]), initial=start, desc="DDPO")
+    while reason is None and iteration < int(cfg["max_iterations"]):
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+        prompt_index = torch.arange(len(prompts)).repeat_interleave(n_per)
+        seeds = torch.randint(0, 2**31 - 1, (len(prompt_index),), generator=gen).tolist()
+        unet.eval()
+        traj = sample_trajectories(
+            sd,
+            unet,
+            sched,
+            prompt_index,
+            embeddings,
+            null,
+            initial_noise(sd, seeds).to(dev),
+            guidance,
+            eta,
+            gen,
+        )
+        slugs = [prompts[i].slug for i in prompt_index.tolist()]
+        reward = reward_fn(traj.images, [prompts[i] for i in prompt_index.tolist()]).reward
+        finite = np.isfinite(reward)
+        if not finite.all():
+            log.warning(
+                "iteration %d: %d non-finite rewards; the iteration is skipped",
+                iteration,
+                int((~finite).sum()),
+            )
+            iteration += 1
+            continue
+        adv = torch.tensor(
+            np.clip(tracker.update(slugs, reward), -adv_max, adv_max), dtype=torch.float32
+        )
+        steps = train_steps(
+            len(traj.timesteps),
+            str(cfg.get("train_timesteps", "all")),
+            float(cfg.get("timestep_fraction", 1.0)),
+            gen,
+        )
+        unet.train()
+        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": []}
+        for _ in range(inner):
+            order = torch.randperm(len(prompt_index), generator=gen)
+            for start_row in range(0, len(order), bs):
+                rows = order[start_row : start_row + bs]
+                opt.zero_grad(set_to_none=True)
+                for j in steps:  # gradients accumulate over the trained chain positions
+                    logp = step_log_probs(
+                        unet, sched, traj, rows, j, embeddings, null, guidance, eta
+                    )
+                    loss, kl, cf = ppo_loss(
+                        logp, traj.log_probs[rows, j].to(dev), adv[rows].to(dev), clip_range
+                    )
+                    (loss / len(steps)).backward()
+                    stats["loss"].append(loss.item())
+                    stats["approx_kl"].append(kl.item())
+                    stats["clipfrac"].append(cf.item())
+                torch.nn.utils.clip_grad_norm_(params, float(cfg.get("max_grad_norm", 1.0)))
+                opt.step()
+        iteration += 1
+        history.append(
+            {
+                "iteration": iteration,
+                "reward_mean": float(reward.mean()),
+                "reward_std": float(reward.std()),
+                **{k: float(np.mean(v)) for k, v in stats.items()},
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        )
+        reason = stopper.update(float(reward.mean()))
+        log.info(
+            "iteration %d: reward %.4f +- %.4f, approx KL %.2e, clipfrac %.3f",
+            iteration,
+            reward.mean(),
+            reward.std(),
+            history[-1]["approx_kl"],
+            history[-1]["clipfrac"],
+        )
+        save_checkpoint(
+            checkpoint_dir,
+            iteration,
+            unet.state_dict(),
+            {"optimizer": opt.state_dict()},
+            {
+                "fingerprint": run_id,
+                "history": history,
+                "tracker": tracker.state_dict(),
+                "stopper": stopper.history,
+                "calm": stopper.calm,
+                "stop_reason": reason,
+            },
+        )
+        bar.update(1)
+    bar.close()
+    reason = reason or f"max_iterations ({cfg['max_iterations']}) reached"
+    log.info("DDPO stopped after iteration %d: %s", iteration, reason)
+    unet.eval()
+    merge_adapters(unet)
+    sd.unet = unet
+    sd.save_pretrained(out_dir)
+    curve = pd.DataFrame(history, columns=list(LOG_COLUMNS))
+    curve["stop_reason"] = ""
+    if len(curve):
+        curve.loc[curve.index[-1], "stop_reason"] = reason
+    write_table(curve, log_tsv)
+    return curve

@@ -1,0 +1,196 @@
+"""The DDPO loop on a tiny model: importance ratios, the PPO update, a real optimisation, resume."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rl4med.ddpo import RewardOutput
+from rl4med.ddpo.train import ddpo_train, ppo_loss
+from rl4med.ddpo.trajectories import sample_trajectories, step_log_probs
+from rl4med.models.sd import build_tiny_sd
+from rl4med.prompts import to_prompt
+from rl4med.sampling import initial_noise
+
+TINY = {
+    "seed": 0,
+    "patch_size": 4,
+    "prediction_type": "epsilon",
+    "unet": {
+        "block_out_channels": [16, 32],
+        "layers_per_block": 1,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "attention_head_dim": 4,
+        "norm_num_groups": 8,
+    },
+    "text_encoder": {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    },
+}
+PROMPTS = [to_prompt("mel__hair"), to_prompt("nv__none")]
+DDPO = {
+    "seed": 0,
+    "max_iterations": 3,
+    "samples_per_prompt": 4,
+    "num_steps": 4,
+    "eta": 1.0,
+    "guidance_scale": 2.0,
+    "inner_epochs": 1,
+    "batch_size": 8,
+    "clip_range": 0.2,
+    "adv_clip_max": 5.0,
+    "learning_rate": 1e-3,
+    "max_grad_norm": 1.0,
+    "train_timesteps": "all",
+    "timestep_fraction": 1.0,
+    "buffer_size": 16,
+    "min_count": 4,
+    "stop_epsilon": 0.0,
+    "stop_patience": 100,
+}
+
+
+def brightness(images, prompts):
+    """A reward without a classifier: mean pixel value in [0, 1]."""
+    r = images.astype(np.float64).mean(axis=(1, 2, 3)) / 255
+    return RewardOutput(reward=r, matches=np.zeros((len(r), 6)))
+
+
+def _trajectories(sd, n=4, seed=0):
+    sched = sd.ddim_scheduler()
+    sched.set_timesteps(4)
+    emb, null = sd.encode_prompts([p.text for p in PROMPTS]), sd.encode_prompts([""])
+    idx = torch.tensor([0, 1] * (n // 2))
+    traj = sample_trajectories(
+        sd,
+        sd.unet,
+        sched,
+        idx,
+        emb,
+        null,
+        initial_noise(sd, list(range(n))),
+        2.0,
+        1.0,
+        torch.Generator().manual_seed(seed),
+    )
+    return sched, emb, null, traj
+
+
+def test_recomputed_log_probs_give_ratio_one_and_no_clipping():
+    sd = build_tiny_sd(TINY, 32)
+    sched, emb, null, traj = _trajectories(sd)
+    rows = torch.arange(4)
+    for j in range(3):  # the last DDIM step is deterministic (log-prob 0)
+        with torch.no_grad():
+            logp = step_log_probs(sd.unet, sched, traj, rows, j, emb, null, 2.0, 1.0)
+        assert torch.allclose(logp, traj.log_probs[:, j], atol=1e-4)
+        _, kl, clipfrac = ppo_loss(logp, traj.log_probs[:, j], torch.ones(4), 0.2)
+        assert float(clipfrac) == 0.0 and float(kl) < 1e-8
+
+
+def test_ppo_step_makes_positive_advantage_actions_more_likely():
+    sd = build_tiny_sd(TINY, 32)
+    sched, emb, null, traj = _trajectories(sd)
+    rows, j = torch.arange(4), 1
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    opt = torch.optim.SGD(sd.unet.parameters(), lr=0.05)
+    for _ in range(3):
+        logp = step_log_probs(sd.unet, sched, traj, rows, j, emb, null, 2.0, 1.0)
+        loss, _, _ = ppo_loss(logp, traj.log_probs[:, j], adv, clip_range=10.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        new = step_log_probs(sd.unet, sched, traj, rows, j, emb, null, 2.0, 1.0)
+    change = new - traj.log_probs[:, j]
+    assert (change[:2] > 0).all() and (change[2:] < 0).all()
+
+
+def test_ddpo_raises_a_simple_reward(tmp_path):
+    sd = build_tiny_sd(TINY, 32)
+    # the high-noise half of the chain: the low-noise steps' tiny std makes their ratios clip
+    cfg = {
+        **DDPO,
+        "max_iterations": 10,
+        "samples_per_prompt": 8,
+        "batch_size": 16,
+        "learning_rate": 1e-2,
+        "train_timesteps": "high_noise",
+        "timestep_fraction": 0.5,
+    }
+    curve = ddpo_train(
+        sd, brightness, PROMPTS, cfg, tmp_path / "out", tmp_path / "log.tsv", tmp_path / "ckpt"
+    )
+    assert len(curve) == 10
+    assert curve["reward_mean"].iloc[-3:].mean() > curve["reward_mean"].iloc[:2].mean() + 0.04
+    assert list(pd.read_csv(tmp_path / "log.tsv", sep="\t").columns)[:3] == [
+        "iteration",
+        "reward_mean",
+        "reward_std",
+    ]
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    reference = build_tiny_sd(TINY, 32)
+    ddpo_train(
+        reference,
+        brightness,
+        PROMPTS,
+        DDPO,
+        tmp_path / "ref",
+        tmp_path / "ref.tsv",
+        tmp_path / "ref_ckpt",
+    )
+    calls = {"n": 0}
+
+    def dying(images, prompts):
+        calls["n"] += 1
+        if calls["n"] == 3:  # killed in iteration 3, after the checkpoint of iteration 2
+            raise KeyboardInterrupt("preempted")
+        return brightness(images, prompts)
+
+    with pytest.raises(KeyboardInterrupt):
+        ddpo_train(
+            build_tiny_sd(TINY, 32),
+            dying,
+            PROMPTS,
+            DDPO,
+            tmp_path / "run",
+            tmp_path / "run.tsv",
+            tmp_path / "ckpt",
+        )
+    assert not (tmp_path / "run").exists()
+    resumed = build_tiny_sd(TINY, 32)
+    ddpo_train(
+        resumed,
+        brightness,
+        PROMPTS,
+        DDPO,
+        tmp_path / "run",
+        tmp_path / "run.tsv",
+        tmp_path / "ckpt",
+    )
+    ref, res = reference.unet.state_dict(), resumed.unet.state_dict()
+    assert all(torch.equal(ref[k], res[k]) for k in ref)
+    a = pd.read_csv(tmp_path / "ref.tsv", sep="\t")
+    b = pd.read_csv(tmp_path / "run.tsv", sep="\t")
+    assert np.array_equal(a["reward_mean"], b["reward_mean"])
+
+
+def test_stop_reason_is_written(tmp_path):
+    cfg = {**DDPO, "max_iterations": 10, "stop_epsilon": 1.0, "stop_patience": 1}
+    curve = ddpo_train(
+        build_tiny_sd(TINY, 32),
+        brightness,
+        PROMPTS,
+        cfg,
+        tmp_path / "out",
+        tmp_path / "log.tsv",
+        tmp_path / "ckpt",
+    )
+    assert len(curve) == 2  # any change < 1.0: calm at iteration 2
+    assert curve["stop_reason"].iloc[-1].startswith("converged")
