@@ -61,4 +61,6 @@ def all_targets():
         expand("results/models/classifier_{role}", role=["reward", "judge"]),
         "results/metrics/autoencoder_check.tsv",
         "results/metrics/stage_i_prompt_adherence.tsv",
+        "results/models/sd_rl",
+        "results/ddpo/before_after.tsv",
     ]

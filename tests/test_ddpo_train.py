@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_models import tiny_sd_config
 
 from rl4med.ddpo import RewardOutput
 from rl4med.ddpo.train import ddpo_train, ppo_loss
@@ -12,25 +13,7 @@ from rl4med.models.sd import build_tiny_sd
 from rl4med.prompts import to_prompt
 from rl4med.sampling import initial_noise
 
-TINY = {
-    "seed": 0,
-    "patch_size": 4,
-    "prediction_type": "epsilon",
-    "unet": {
-        "block_out_channels": [16, 32],
-        "layers_per_block": 1,
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-        "attention_head_dim": 4,
-        "norm_num_groups": 8,
-    },
-    "text_encoder": {
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-    },
-}
+TINY = tiny_sd_config(prediction_type="epsilon")
 PROMPTS = [to_prompt("mel__hair"), to_prompt("nv__none")]
 DDPO = {
     "seed": 0,
@@ -194,3 +177,30 @@ def test_stop_reason_is_written(tmp_path):
     )
     assert len(curve) == 2  # any change < 1.0: calm at iteration 2
     assert curve["stop_reason"].iloc[-1].startswith("converged")
+
+
+def test_kl_penalty_keeps_the_policy_closer_to_stage_i(tmp_path):
+    start = build_tiny_sd(TINY, 32).unet.state_dict()
+    moved = {}
+    for weight in (0.0, 1000.0):
+        sd = build_tiny_sd(TINY, 32)
+        cfg = {
+            **DDPO,
+            "max_iterations": 3,
+            "inner_epochs": 2,
+            "batch_size": 4,
+            "learning_rate": 3e-3,
+            "kl_weight": weight,
+        }
+        ddpo_train(
+            sd,
+            brightness,
+            PROMPTS,
+            cfg,
+            tmp_path / f"o{weight}",
+            tmp_path / "l.tsv",
+            tmp_path / f"c{weight}",
+        )
+        state = sd.unet.state_dict()
+        moved[weight] = sum(float((state[k] - start[k]).norm()) for k in start)
+    assert 0 < moved[1000.0] < moved[0.0]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
+from tiny_models import tiny_sd_config
 from transformers import AutoTokenizer
 
 import rl4med.models.finetune as finetune_mod
@@ -29,24 +30,7 @@ from rl4med.models.tokenizer import train_prompt_tokenizer
 from rl4med.prompts import all_prompts
 from rl4med.sampling import initial_noise, sample_images
 
-TINY = {
-    "seed": 0,
-    "patch_size": 4,
-    "unet": {
-        "block_out_channels": [16, 32],
-        "layers_per_block": 1,
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-        "attention_head_dim": 4,
-        "norm_num_groups": 8,
-    },
-    "text_encoder": {
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-    },
-}
+TINY = tiny_sd_config()
 FINETUNE = {
     "seed": 0,
     "max_steps": 6,

@@ -65,6 +65,8 @@ def test_default_config_dry_run_lists_the_data_jobs(tmp_path):
         "train_classifier": 2,
         "autoencoder_check": 1,
         "stage_i_check": 1,
+        "ddpo": 1,
+        "ddpo_check": 1,
         "all": 1,
     }
 
@@ -78,6 +80,8 @@ def test_paper_scale_config_dry_runs_without_the_data(tmp_path):
         "train_classifier": 2,
         "autoencoder_check": 1,
         "stage_i_check": 1,
+        "ddpo": 1,
+        "ddpo_check": 1,
         "all": 1,
     }
 
@@ -149,6 +153,8 @@ def test_micro_workflow_end_to_end(tmp_path):
         "models/train_classifier_judge",
         "models/autoencoder_check",
         "models/stage_i_check",
+        "ddpo/ddpo",
+        "ddpo/ddpo_check",
     ):
         assert (tmp_path / f"logs/{log}.log").stat().st_size > 0, log
     loss = pd.read_csv(tmp_path / "results/models/sd_loss.tsv", sep="\t")
@@ -164,6 +170,18 @@ def test_micro_workflow_end_to_end(tmp_path):
     adherence = pd.read_csv(tmp_path / "results/metrics/stage_i_prompt_adherence.tsv", sep="\t")
     assert len(adherence) == 2 * 10 and set(adherence["classifier"]) == {"reward", "judge"}
     assert (tmp_path / "results/figures/stage_i_samples.png").stat().st_size > 1000
+    micro = load("config/micro.yaml")
+    iterations = pd.read_csv(tmp_path / "results/ddpo/iterations.tsv", sep="\t")
+    assert iterations["iteration"].tolist() == [1, 2]
+    assert iterations["stop_reason"].iloc[-1] == "max_iterations (2) reached"
+    assert {"reward_mean", "approx_kl", "clipfrac", "match_ink", "reward_mel__none"} <= set(
+        iterations.columns
+    )
+    before_after = pd.read_csv(tmp_path / "results/ddpo/before_after.tsv", sep="\t")
+    assert set(before_after["classifier"]) == {"reward", "judge"}
+    assert (before_after["n"] == 32 * micro["ddpo_check"]["samples_per_prompt"]).all()
+    assert (before_after["ci_low"] <= before_after["change"]).all()
+    assert (tmp_path / "results/models/sd_rl/unet/diffusion_pytorch_model.safetensors").is_file()
     assert (
         "generated 240 images of 32 px" in (tmp_path / "logs/data/synthetic_data.log").read_text()
     )

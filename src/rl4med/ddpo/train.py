@@ -10,6 +10,7 @@ iteration, so a killed run resumes and ends with the same weights as an uninterr
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from rl4med.attributes import ATTRIBUTES
 from rl4med.checkpoint import fingerprint, load_latest_checkpoint, save_checkpoint
 from rl4med.ddpo.reward import RewardFn
 from rl4med.ddpo.stats import PerPromptStatTracker
@@ -86,16 +88,23 @@ def ddpo_train(
     guidance_scale, inner_epochs, batch_size, clip_range, adv_clip_max, learning_rate,
     weight_decay, max_grad_norm, trainable (full/lora/cross_attention), lora_rank,
     train_timesteps (all/high_noise/random), timestep_fraction, buffer_size, min_count,
-    stop_epsilon, stop_patience.
+    stop_epsilon, stop_patience, warmup_iterations, kl_weight (0 = off). The log has, per
+    iteration, reward mean/std, approximate KL, clip fraction, loss, learning rate, seconds,
+    per-attribute match rates (``match_*``) and per-prompt mean rewards (``reward_<slug>``).
     """
     seed = int(cfg["seed"])
     dev = sd.device
     unet = sd.unet
+    kl_weight = float(cfg.get("kl_weight", 0.0))
+    # KL penalty towards the stage-i policy: a frozen copy of the starting UNet
+    reference = copy.deepcopy(unet).requires_grad_(False).eval() if kl_weight > 0 else None
     select_trainable(unet, str(cfg.get("trainable", "full")), int(cfg.get("lora_rank", 0)))
     params = trainable(unet)
     opt = torch.optim.AdamW(
         params, lr=float(cfg["learning_rate"]), weight_decay=float(cfg.get("weight_decay", 1e-4))
     )
+    warmup = int(cfg.get("warmup_iterations", 0))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (warmup + 1)))
     sched = sd.ddim_scheduler()
     sched.set_timesteps(int(cfg["num_steps"]), device=dev)
     texts = [p.text for p in prompts]
@@ -114,6 +123,7 @@ def ddpo_train(
     if ckpt is not None:
         unet.load_state_dict(ckpt.model)
         opt.load_state_dict(ckpt.extra["optimizer"])
+        lr_sched.load_state_dict(ckpt.extra["lr_scheduler"])
         tracker.load_state_dict(ckpt.state["tracker"])
         stopper.history, stopper.calm = ckpt.state["stopper"], int(ckpt.state["calm"])
         history, start = ckpt.state["history"], ckpt.step
@@ -145,7 +155,8 @@ def ddpo_train(
             gen,
         )
         slugs = [prompts[i].slug for i in prompt_index.tolist()]
-        reward = reward_fn(traj.images, [prompts[i] for i in prompt_index.tolist()]).reward
+        scored = reward_fn(traj.images, [prompts[i] for i in prompt_index.tolist()])
+        reward = scored.reward
         finite = np.isfinite(reward)
         if not finite.all():
             log.warning(
@@ -178,13 +189,21 @@ def ddpo_train(
                     loss, kl, cf = ppo_loss(
                         logp, traj.log_probs[rows, j].to(dev), adv[rows].to(dev), clip_range
                     )
+                    if reference is not None:
+                        with torch.no_grad():
+                            ref = step_log_probs(
+                                reference, sched, traj, rows, j, embeddings, null, guidance, eta
+                            )
+                        loss = loss + kl_weight * 0.5 * ((logp - ref) ** 2).mean()
                     (loss / len(steps)).backward()
                     stats["loss"].append(loss.item())
                     stats["approx_kl"].append(kl.item())
                     stats["clipfrac"].append(cf.item())
                 torch.nn.utils.clip_grad_norm_(params, float(cfg.get("max_grad_norm", 1.0)))
                 opt.step()
+        lr_sched.step()
         iteration += 1
+        per_prompt = pd.Series(reward).groupby(np.array(slugs)).mean()
         history.append(
             {
                 "iteration": iteration,
@@ -193,6 +212,11 @@ def ddpo_train(
                 **{k: float(np.mean(v)) for k, v in stats.items()},
                 "lr": opt.param_groups[0]["lr"],
                 "seconds": round(time.perf_counter() - t0, 2),
+                **{
+                    f"match_{a}": float(m)
+                    for a, m in zip(ATTRIBUTES, scored.matches.mean(0), strict=True)
+                },
+                **{f"reward_{k}": float(v) for k, v in per_prompt.items()},
             }
         )
         reason = stopper.update(float(reward.mean()))
@@ -208,7 +232,7 @@ def ddpo_train(
             checkpoint_dir,
             iteration,
             unet.state_dict(),
-            {"optimizer": opt.state_dict()},
+            {"optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict()},
             {
                 "fingerprint": run_id,
                 "history": history,
@@ -226,7 +250,9 @@ def ddpo_train(
     merge_adapters(unet)
     sd.unet = unet
     sd.save_pretrained(out_dir)
-    curve = pd.DataFrame(history, columns=list(LOG_COLUMNS))
+    curve = pd.DataFrame(history)
+    if curve.empty:
+        curve = pd.DataFrame(columns=list(LOG_COLUMNS))
     curve["stop_reason"] = ""
     if len(curve):
         curve.loc[curve.index[-1], "stop_reason"] = reason
