@@ -204,3 +204,54 @@ def test_kl_penalty_keeps_the_policy_closer_to_stage_i(tmp_path):
         state = sd.unet.state_dict()
         moved[weight] = sum(float((state[k] - start[k]).norm()) for k in start)
     assert 0 < moved[1000.0] < moved[0.0]
+
+
+MULTI_PROCESS_SCRIPT = """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, {tests!r})
+import torch
+from test_ddpo_train import DDPO, PROMPTS, TINY, brightness
+
+from rl4med.ddpo.train import ddpo_train
+from rl4med.models.sd import build_tiny_sd
+
+out = Path(sys.argv[1])
+cfg = {{**DDPO, "max_iterations": 2, "samples_per_prompt": 4, "batch_size": 4}}
+sd = build_tiny_sd(TINY, 32)
+curve = ddpo_train(sd, brightness, PROMPTS, cfg, out / "o", out / "l.tsv", out / "c")
+rank = torch.distributed.get_rank()
+torch.save(sd.unet.state_dict(), out / f"weights_{{rank}}.pt")
+print("rank", rank, curve["reward_mean"].round(6).tolist())
+"""
+
+
+def test_two_processes_share_rewards_and_end_with_the_same_weights(tmp_path):
+    """Under torchrun (2 CPU processes, gloo): trajectories split, rewards gathered, DDP sync."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    script.write_text(MULTI_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent)))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank"))
+    assert len(lines) == 2 and lines[0].split(" ", 2)[2] == lines[1].split(" ", 2)[2]
+    assert len(pd.read_csv(tmp_path / "l.tsv", sep="\t")) == 2  # written once, by rank 0
+    w0 = torch.load(tmp_path / "weights_0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "weights_1.pt", weights_only=True)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    start = build_tiny_sd(TINY, 32).unet.state_dict()
+    assert any(not torch.equal(w0[k], start[k]) for k in w0)

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from rl4med.attributes import ATTRIBUTES
@@ -93,6 +95,8 @@ def ddpo_train(
     per-attribute match rates (``match_*``) and per-prompt mean rewards (``reward_<slug>``).
     """
     seed = int(cfg["seed"])
+    accel = Accelerator()  # one plain process on a CPU; several under `accelerate launch`
+    sd.to(accel.device)
     dev = sd.device
     unet = sd.unet
     kl_weight = float(cfg.get("kl_weight", 0.0))
@@ -130,6 +134,8 @@ def ddpo_train(
         log.info("resuming DDPO from %s/step_%08d", checkpoint_dir, start)
     reason = ckpt.state.get("stop_reason") if ckpt is not None else None
 
+    # DDP wrapper when several processes train: gradients are averaged across them
+    model = accel.prepare(unet)
     n_per = int(cfg["samples_per_prompt"])
     guidance, eta = float(cfg["guidance_scale"]), float(cfg.get("eta", 1.0))
     clip_range, adv_max = float(cfg["clip_range"]), float(cfg["adv_clip_max"])
@@ -138,25 +144,29 @@ def ddpo_train(
     bar = tqdm(total=int(cfg["max_iterations"]), initial=start, desc="DDPO")
     while reason is None and iteration < int(cfg["max_iterations"]):
         t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+        # each process samples and trains its share of the trajectories, with its own noise
+        gen = torch.Generator().manual_seed(
+            (seed * 1_000_003 + iteration) * accel.num_processes + accel.process_index
+        )
         prompt_index = torch.arange(len(prompts)).repeat_interleave(n_per)
         seeds = torch.randint(0, 2**31 - 1, (len(prompt_index),), generator=gen).tolist()
+        local = torch.arange(len(prompt_index))[accel.process_index :: accel.num_processes]
         unet.eval()
         traj = sample_trajectories(
             sd,
             unet,
             sched,
-            prompt_index,
+            prompt_index[local],
             embeddings,
             null,
-            initial_noise(sd, seeds).to(dev),
+            initial_noise(sd, [seeds[i] for i in local.tolist()]).to(dev),
             guidance,
             eta,
             gen,
         )
+        scored = reward_fn(traj.images, [prompts[i] for i in prompt_index[local].tolist()])
+        reward, matches = _gather_rows(accel, local, scored.reward, scored.matches)
         slugs = [prompts[i].slug for i in prompt_index.tolist()]
-        scored = reward_fn(traj.images, [prompts[i] for i in prompt_index.tolist()])
-        reward = scored.reward
         finite = np.isfinite(reward)
         if not finite.all():
             log.warning(
@@ -167,7 +177,8 @@ def ddpo_train(
             iteration += 1
             continue
         adv = torch.tensor(
-            np.clip(tracker.update(slugs, reward), -adv_max, adv_max), dtype=torch.float32
+            np.clip(tracker.update(slugs, reward), -adv_max, adv_max)[local.numpy()],
+            dtype=torch.float32,
         )
         steps = train_steps(
             len(traj.timesteps),
@@ -178,13 +189,13 @@ def ddpo_train(
         unet.train()
         stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": []}
         for _ in range(inner):
-            order = torch.randperm(len(prompt_index), generator=gen)
+            order = torch.randperm(len(local), generator=gen)
             for start_row in range(0, len(order), bs):
                 rows = order[start_row : start_row + bs]
                 opt.zero_grad(set_to_none=True)
                 for j in steps:  # gradients accumulate over the trained chain positions
                     logp = step_log_probs(
-                        unet, sched, traj, rows, j, embeddings, null, guidance, eta
+                        model, sched, traj, rows, j, embeddings, null, guidance, eta
                     )
                     loss, kl, cf = ppo_loss(
                         logp, traj.log_probs[rows, j].to(dev), adv[rows].to(dev), clip_range
@@ -195,11 +206,11 @@ def ddpo_train(
                                 reference, sched, traj, rows, j, embeddings, null, guidance, eta
                             )
                         loss = loss + kl_weight * 0.5 * ((logp - ref) ** 2).mean()
-                    (loss / len(steps)).backward()
+                    accel.backward(loss / len(steps))
                     stats["loss"].append(loss.item())
                     stats["approx_kl"].append(kl.item())
                     stats["clipfrac"].append(cf.item())
-                torch.nn.utils.clip_grad_norm_(params, float(cfg.get("max_grad_norm", 1.0)))
+                accel.clip_grad_norm_(params, float(cfg.get("max_grad_norm", 1.0)))
                 opt.step()
         lr_sched.step()
         iteration += 1
@@ -213,8 +224,7 @@ def ddpo_train(
                 "lr": opt.param_groups[0]["lr"],
                 "seconds": round(time.perf_counter() - t0, 2),
                 **{
-                    f"match_{a}": float(m)
-                    for a, m in zip(ATTRIBUTES, scored.matches.mean(0), strict=True)
+                    f"match_{a}": float(m) for a, m in zip(ATTRIBUTES, matches.mean(0), strict=True)
                 },
                 **{f"reward_{k}": float(v) for k, v in per_prompt.items()},
             }
@@ -228,20 +238,22 @@ def ddpo_train(
             history[-1]["approx_kl"],
             history[-1]["clipfrac"],
         )
-        save_checkpoint(
-            checkpoint_dir,
-            iteration,
-            unet.state_dict(),
-            {"optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict()},
-            {
-                "fingerprint": run_id,
-                "history": history,
-                "tracker": tracker.state_dict(),
-                "stopper": stopper.history,
-                "calm": stopper.calm,
-                "stop_reason": reason,
-            },
-        )
+        if accel.is_main_process:
+            save_checkpoint(
+                checkpoint_dir,
+                iteration,
+                unet.state_dict(),
+                {"optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict()},
+                {
+                    "fingerprint": run_id,
+                    "history": history,
+                    "tracker": tracker.state_dict(),
+                    "stopper": stopper.history,
+                    "calm": stopper.calm,
+                    "stop_reason": reason,
+                },
+            )
+        accel.wait_for_everyone()
         bar.update(1)
     bar.close()
     reason = reason or f"max_iterations ({cfg['max_iterations']}) reached"
@@ -249,12 +261,27 @@ def ddpo_train(
     unet.eval()
     merge_adapters(unet)
     sd.unet = unet
-    sd.save_pretrained(out_dir)
     curve = pd.DataFrame(history)
     if curve.empty:
         curve = pd.DataFrame(columns=list(LOG_COLUMNS))
     curve["stop_reason"] = ""
     if len(curve):
         curve.loc[curve.index[-1], "stop_reason"] = reason
-    write_table(curve, log_tsv)
+    if accel.is_main_process:
+        sd.save_pretrained(out_dir)
+        write_table(curve, log_tsv)
+    accel.wait_for_everyone()
     return curve
+
+
+def _gather_rows(
+    accel: Accelerator, local: torch.Tensor, reward: np.ndarray, matches: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rewards and attribute matches of all processes' trajectories, in global row order."""
+    if accel.num_processes == 1:
+        return reward, matches
+    rows = np.array(gather_object(local.tolist()))
+    reward = np.array(gather_object(reward.tolist()))
+    matches = np.array(gather_object(matches.tolist()))
+    order = np.argsort(rows)
+    return reward[order], matches[order]
