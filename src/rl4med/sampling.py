@@ -24,6 +24,21 @@ def initial_noise(sd: StableDiffusion, seeds: Sequence[int]) -> torch.Tensor:
     )
 
 
+def guided_output(
+    unet: torch.nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Classifier-free guidance in one batched UNet forward."""
+    t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+    out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).sample
+    out_u, out_c = out.chunk(2)
+    return out_u + guidance_scale * (out_c - out_u)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3)."""
     x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -67,10 +82,7 @@ def _sample_batch(
     latents = initial_noise(sd, seeds).to(device, dtype) * sched.init_noise_sigma
     gens = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
     for t in sched.timesteps:
-        model_in = torch.cat([latents, latents])
-        pred = sd.unet(model_in, t, torch.cat([uncond, cond])).sample
-        pred_u, pred_c = pred.chunk(2)
-        pred = pred_u + guidance_scale * (pred_c - pred_u)
+        pred = guided_output(sd.unet, latents, t.reshape(1), cond, uncond, guidance_scale)
         noise = None
         if eta > 0:
             noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from rl4med.attributes import ATTRIBUTES
+from rl4med.ddpo.reward import AttributeReward
 from rl4med.models.classifier import AttributeClassifier
 from rl4med.models.sd import StableDiffusion
 from rl4med.prompts import Prompt
@@ -33,10 +34,10 @@ def per_sample_scores(
     classifier: AttributeClassifier, images: np.ndarray, prompts: Sequence[Prompt]
 ) -> dict[str, np.ndarray]:
     """Per sample: r_A, exact match (APR's indicator) and each attribute's match."""
-    want = np.array([p.labels for p in prompts])
-    match = (classifier.predict(images) == want).astype(float)
+    scored = AttributeReward(classifier)(images, prompts)
+    match = scored.matches
     return {
-        "r_A": match.mean(1),
+        "r_A": scored.reward,
         "APR": match.all(1).astype(float),
         **{f"match_{a}": match[:, k] for k, a in enumerate(ATTRIBUTES)},
     }

@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler
 
 from rl4med.ddpo.ddim import ddim_step_with_logprob
 from rl4med.models.sd import StableDiffusion
-from rl4med.sampling import to_uint8
+from rl4med.sampling import guided_output, to_uint8
 
 
 @dataclass
@@ -22,21 +22,6 @@ class Trajectories:
     timesteps: torch.Tensor  # (T,)
     log_probs: torch.Tensor  # (B, T)
     images: np.ndarray  # (B, H, W, 3) uint8
-
-
-def guided_output(
-    unet: torch.nn.Module,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    guidance_scale: float,
-) -> torch.Tensor:
-    """Classifier-free guidance in one batched UNet forward."""
-    t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-    out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).sample
-    out_u, out_c = out.chunk(2)
-    return out_u + guidance_scale * (out_c - out_u)
 
 
 @torch.no_grad()

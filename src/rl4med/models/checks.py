@@ -13,17 +13,12 @@ import torch
 from rl4med.attributes import ARTIFACTS, ATTRIBUTES, DISEASES
 from rl4med.data.images import ManifestImages
 from rl4med.data.manifest import read_manifest
-from rl4med.models.classifier import AttributeClassifier
+from rl4med.models.classifier import AttributeClassifier, exact_match
 from rl4med.models.sd import StableDiffusion
 from rl4med.prompts import Prompt
 from rl4med.sampling import sample_images
 
 log = logging.getLogger(__name__)
-
-
-def exact_match(pred: np.ndarray, labels: np.ndarray) -> float:
-    """Share of rows where all 6 attributes are right."""
-    return float((pred == labels).all(1).mean()) if len(labels) else 0.0
 
 
 @torch.no_grad()

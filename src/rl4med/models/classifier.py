@@ -175,6 +175,11 @@ def binary_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def exact_match(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows where all 6 attributes are right."""
+    return float((pred == labels).all(1).mean()) if len(labels) else 0.0
+
+
 def tune_thresholds(y_true: np.ndarray, probs: np.ndarray) -> list[float]:
     """Per head, the threshold in 0.05..0.95 with the best validation F1 (ties: nearest 0.5)."""
     grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
@@ -302,9 +307,10 @@ def train_classifier(
     save_classifier(model, out_dir)
 
     x_test, y_test = ManifestImages(test_df, size).load_all()
-    metrics = binary_metrics(y_test.numpy(), model.predict(x_test))
+    test_pred = model.predict(x_test)
+    metrics = binary_metrics(y_test.numpy(), test_pred)
     metrics["threshold"] = spec.thresholds
-    exact = float((model.predict(x_test) == y_test.numpy()).all(1).mean())
+    exact = exact_match(test_pred, y_test.numpy())
     metrics = pd.concat(
         [
             metrics,
@@ -342,7 +348,7 @@ def robustness(
             {
                 "noise_sigma": s,
                 **dict(zip(m["attribute"], m["f1"], strict=True)),
-                "exact_match": float((pred == y).all(1).mean()),
+                "exact_match": exact_match(pred, y),
             }
         )
     return pd.DataFrame(rows)
