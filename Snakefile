@@ -17,6 +17,8 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/models.smk"
 include: "rules/ddpo.smk"
+include: "rules/evaluation.smk"
+include: "rules/report.smk"
 
 
 rule all:

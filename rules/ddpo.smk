@@ -1,5 +1,5 @@
-# Stage ii: DDPO with the attribute reward r_A (paper 2.1-2.2, Algorithm 1), and the check of
-# its effect on the same noise before and after.
+# Stage ii: DDPO with the attribute reward r_A (paper 2.1-2.2, Algorithm 1); its effect is
+# measured by the evaluation rules (paired samples of SD and SD+RL).
 
 
 rule ddpo:
@@ -31,39 +31,3 @@ rule ddpo:
     script:
         "../scripts/ddpo.py"
 
-
-rule ddpo_check:
-    input:
-        sd="results/models/sd",
-        sd_rl="results/models/sd_rl",
-        reward="results/models/classifier_reward",
-        judge="results/models/classifier_judge",
-    output:
-        table=report(
-            "results/ddpo/before_after.tsv",
-            caption="../report/ddpo_before_after.rst",
-            category="Stage ii (DDPO)",
-            labels={"table": "before and after"},
-        ),
-        grid=report(
-            "results/figures/ddpo_before_after.png",
-            caption="../report/ddpo_grid.rst",
-            category="Stage ii (DDPO)",
-            labels={"figure": "before and after"},
-        ),
-    log:
-        "logs/ddpo/ddpo_check.log",
-    params:
-        cfg=config["ddpo_check"],
-        ddpo=config["ddpo"],
-        device=config["sd"]["device"],
-        dtype=config["sd"]["dtype"],
-    threads: resource("ddpo_check", "cpus")
-    resources:
-        mem_mb=resource("ddpo_check", "mem_mb"),
-        runtime=resource("ddpo_check", "runtime"),
-        gpus=resource("ddpo_check", "gpus"),
-    conda:
-        "../envs/torch.yaml"
-    script:
-        "../scripts/ddpo_check.py"

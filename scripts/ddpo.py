@@ -22,8 +22,9 @@ def main() -> None:
     device = resolve_device(smk.params.device)
     sd = load_sd(smk.input.sd, device)  # float32 weights: the policy is trained
     reward = AttributeReward(load_classifier(smk.input.reward, device))
-    ddpo_train(sd, reward, all_prompts(), cfg, smk.output.model, smk.output.log_tsv,
-               smk.params.checkpoints)
+    ddpo_train(
+        sd, reward, all_prompts(), cfg, smk.output.model, smk.output.log_tsv, smk.params.checkpoints
+    )
 
 
 run_step(main, smk.log[0])

@@ -1,6 +1,8 @@
 """The Snakemake workflow itself: schema, dry runs, lint and an end-to-end micro run."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,21 +63,37 @@ MODEL_JOBS = {
     "finetune_sd": 1,
     "train_classifier": 2,
     "autoencoder_check": 1,
-    "stage_i_check": 1,
     "ddpo": 1,
-    "ddpo_check": 1,
+    # evaluation: one generate job per (model, prompt), metrics per model
+    "generate": 64,
+    "score_samples": 2,
+    "real_features": 1,
+    "fd": 2,
+    "lpips": 2,
+    "evaluation_tables": 1,
+    "augmentation_manifest": 2,
+    "table4": 1,
+    "sample_grids": 1,
+    "ddpo_curves": 1,
+    "summary": 1,
     "all": 1,
 }
 
 
-def test_default_config_dry_run_lists_the_data_jobs(tmp_path):
+def model_jobs(config_file):
+    """MODEL_JOBS plus one augmentation classifier per training set and seed."""
+    seeds = load(config_file)["augmentation"]["seeds"]
+    return {**MODEL_JOBS, "train_augmented": 3 * len(seeds)}
+
+
+def test_default_config_dry_run_lists_the_jobs(tmp_path):
     proc = snakemake("-n", "--configfile", str(REPO / "config.yaml"), cwd=tmp_path)
-    assert jobs(proc) == {"synthetic_data": 1, "build_sd": 1, **MODEL_JOBS}
+    assert jobs(proc) == {"synthetic_data": 1, "build_sd": 1, **model_jobs("config.yaml")}
 
 
 def test_paper_scale_config_dry_runs_without_the_data(tmp_path):
     proc = snakemake("-n", "--configfile", str(REPO / "config/isic2019.yaml"), cwd=tmp_path)
-    assert jobs(proc) == {"isic2019_manifest": 1, **MODEL_JOBS}
+    assert jobs(proc) == {"isic2019_manifest": 1, **model_jobs("config/isic2019.yaml")}
 
 
 def test_lint_is_clean():
@@ -127,6 +145,10 @@ def test_micro_workflow_end_to_end(tmp_path):
     """The whole workflow on config/micro.yaml, then the report; a rerun has nothing to do."""
     config = str(REPO / "config/micro.yaml")
     snakemake("--cores", "2", "--configfile", config, cwd=tmp_path)
+    snakemake(
+        "--cores", "2", "--configfile", config, "results/metrics/stage_i_prompt_adherence.tsv",
+        cwd=tmp_path,
+    )
     cfg = load("config/micro.yaml")["data"]["synthetic"]
     df = read_manifest(tmp_path / "results/data/manifest.csv")
     assert len(df) == cfg["n_images"]
@@ -146,7 +168,13 @@ def test_micro_workflow_end_to_end(tmp_path):
         "models/autoencoder_check",
         "models/stage_i_check",
         "ddpo/ddpo",
-        "ddpo/ddpo_check",
+        "samples/sd/nv__none",
+        "samples/sd_rl/mel__hair-gel-ink-ruler",
+        "evaluation/score_samples_sd",
+        "evaluation/real_features",
+        "evaluation/fd_sd_rl",
+        "evaluation/lpips_sd",
+        "augmentation/real_sd_rl_seed0",
     ):
         assert (tmp_path / f"logs/{log}.log").stat().st_size > 0, log
     loss = pd.read_csv(tmp_path / "results/models/sd_loss.tsv", sep="\t")
@@ -169,16 +197,14 @@ def test_micro_workflow_end_to_end(tmp_path):
     assert {"reward_mean", "approx_kl", "clipfrac", "match_ink", "reward_mel__none"} <= set(
         iterations.columns
     )
-    before_after = pd.read_csv(tmp_path / "results/ddpo/before_after.tsv", sep="\t")
-    assert set(before_after["classifier"]) == {"reward", "judge"}
-    assert (before_after["n"] == 32 * micro["ddpo_check"]["samples_per_prompt"]).all()
-    assert (before_after["ci_low"] <= before_after["change"]).all()
+    check_evaluation(tmp_path, micro)
     assert (tmp_path / "results/models/sd_rl/unet/diffusion_pytorch_model.safetensors").is_file()
     assert (
         "generated 240 images of 32 px" in (tmp_path / "logs/data/synthetic_data.log").read_text()
     )
     snakemake("--configfile", config, "--report", "results/report.html", cwd=tmp_path)
     assert (tmp_path / "results/report.html").stat().st_size > 10_000
+    check_in_chromium(tmp_path)
     proc = snakemake("-n", "--configfile", config, cwd=tmp_path)
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
@@ -206,3 +232,80 @@ def test_isic_bad_input_fails_with_a_clear_message(isic):
     assert "gt.csv: ISIC ground-truth CSV lacks column(s) NV" in log
     assert "Traceback" not in log
     assert not (tmp / "results/data/manifest.csv").exists()
+
+
+def check_evaluation(tmp_path, micro):
+    """Outputs of the evaluation rules of a finished run (micro config)."""
+    n = micro["evaluation"]["samples_per_prompt"]
+    for model in ("sd", "sd_rl"):
+        folders = sorted((tmp_path / "results/samples" / model).iterdir())
+        assert len(folders) == 32
+        index = pd.read_csv(folders[0] / "index.csv")
+        assert len(index) == n and all((folders[0] / f).is_file() for f in index["file"])
+    seeds = [
+        pd.read_csv(tmp_path / f"results/samples/{m}/mel__gel-ink/index.csv")["seed"].tolist()
+        for m in ("sd", "sd_rl")
+    ]
+    assert seeds[0] == seeds[1]  # paired samples
+    scores = pd.read_csv(tmp_path / "results/evaluation/scores_sd_rl.tsv", sep="\t")
+    assert len(scores) == 2 * 32 * n and set(scores["classifier"]) == {"reward", "judge"}
+    t2 = pd.read_csv(tmp_path / "results/evaluation/table2.tsv", sep="\t")
+    assert len(t2) == 8 and t2["APR_SD+RL_judge"].between(0, 100).all()
+    t3 = pd.read_csv(tmp_path / "results/evaluation/table3.tsv", sep="\t").set_index("model")
+    assert list(t3.index) == ["SD", "SD+RL"]
+    fd_col = "FD (judge features), not comparable to published FID"
+    assert (t3[fd_col] > 0).all()
+    lpips_col = "LPIPS (random alex backbone), not comparable to published LPIPS"
+    assert lpips_col in t3.columns
+    t4 = pd.read_csv(tmp_path / "results/evaluation/table4.tsv", sep="\t").set_index("attribute")
+    assert list(t4.index) == ["MEL", "NV", "hair", "gel_bubbles", "ink", "ruler"]
+    assert t4["F1_Real+SD-RL"].between(0, 1).all()
+    change = pd.read_csv(tmp_path / "results/evaluation/apr_change.tsv", sep="\t")
+    assert (change["n"] == 32 * n).all()
+    assert (change["ci_low"] <= change["change"] + 1e-12).all()
+    assert len(list((tmp_path / "results/figures/samples").glob("*.png"))) == 32
+    assert (tmp_path / "results/figures/ddpo_reward.png").stat().st_size > 5000
+    assert "Table 4" in (tmp_path / "results/report/summary.html").read_text()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def chromium(*args, timeout=120):
+    return subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--enable-logging=stderr",
+            "--v=0",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def check_in_chromium(tmp_path):
+    """The report and its summary page load in headless Chromium without script errors."""
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    report = tmp_path / "results/report.html"
+    proc = chromium("--virtual-time-budget=10000", "--dump-dom", report.as_uri())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Uncaught" not in proc.stderr, proc.stderr[-2000:]
+    # what the report's script rendered (its embedded data removed): the result categories
+    rendered = re.sub(r"<script.*?</script>", "", proc.stdout, flags=re.S)
+    for category in ("Evaluation", "Samples per prompt", "Stage ii (DDPO)", "Summary"):
+        assert f">{category}<" in rendered, category
+    summary = tmp_path / "results/report/summary.html"
+    proc = chromium("--dump-dom", summary.as_uri())
+    assert proc.returncode == 0 and "Uncaught" not in proc.stderr
+    for title in ("Table 1", "Table 2", "Table 3", "Table 4", "paper_APR"):
+        assert title in proc.stdout, title
+    shot = tmp_path / "report.png"
+    chromium("--window-size=1280,2000", f"--screenshot={shot}", report.as_uri())
+    assert shot.stat().st_size > 10_000

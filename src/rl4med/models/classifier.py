@@ -67,13 +67,30 @@ class AttributeClassifier(torch.nn.Module):
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("thresholds", torch.tensor(spec.thresholds), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = (images + 1) / 2
         if x.shape[-1] != self.spec.image_size:
             x = F.interpolate(
                 x, size=self.spec.image_size, mode="bilinear", antialias=True, align_corners=False
             )
-        return self.backbone((x - self.mean) / self.std)
+        return (x - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self._prepare(images))
+
+    @torch.inference_mode()
+    def features(self, images: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Penultimate (pooled, pre-logit) features (N, D): the judge's space for FD."""
+        self.eval()
+        if isinstance(images, np.ndarray):
+            images = to_tensor(images)
+        dev, out = self.mean.device, []
+        for i in range(0, len(images), batch_size):
+            x = self._prepare(images[i : i + batch_size].to(dev))
+            feats = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+            out.append(feats.float().cpu())
+        width = int(self.backbone.num_features)
+        return torch.cat(out).numpy() if out else np.zeros((0, width), np.float32)
 
     @torch.inference_mode()
     def predict_proba(self, images: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:

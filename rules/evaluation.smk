@@ -1,0 +1,248 @@
+# Evaluation (paper 3): N paired samples per prompt and model, one job each; APR by reward and
+# judge (Tables 2, 3), FID or FD on judge features, LPIPS, and the augmentation experiment
+# (Table 4).
+
+
+wildcard_constraints:
+    model="|".join(EVAL_MODELS),
+    prompt="|".join(PROMPT_SLUGS),
+    aug="|".join(AUG_SETS),
+    seed=r"\d+",
+
+
+rule generate:
+    input:
+        model=lambda wc: MODEL_DIRS[wc.model],
+    output:
+        samples=directory("results/samples/{model}/{prompt}"),
+    log:
+        "logs/samples/{model}/{prompt}.log",
+    params:
+        cfg=config["evaluation"],
+        device=config["sd"]["device"],
+        dtype=config["sd"]["dtype"],
+    threads: resource("generate", "cpus")
+    resources:
+        mem_mb=resource("generate", "mem_mb"),
+        runtime=resource("generate", "runtime"),
+        gpus=resource("generate", "gpus"),
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/generate.py"
+
+
+rule score_samples:
+    input:
+        samples=sample_dirs,
+        reward="results/models/classifier_reward",
+        judge="results/models/classifier_judge",
+    output:
+        scores="results/evaluation/scores_{model}.tsv",
+    log:
+        "logs/evaluation/score_samples_{model}.log",
+    params:
+        device=config["sd"]["device"],
+    threads: resource("score_samples", "cpus")
+    resources:
+        mem_mb=resource("score_samples", "mem_mb"),
+        runtime=resource("score_samples", "runtime"),
+        gpus=resource("score_samples", "gpus"),
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/score_samples.py"
+
+
+rule real_features:
+    input:
+        manifest=MANIFEST,
+        judge="results/models/classifier_judge",
+    output:
+        stats="results/evaluation/real_features.npz",
+    log:
+        "logs/evaluation/real_features.log",
+    params:
+        inception=config["evaluation"]["fid"]["inception_weights"],
+        image_size=SD_IMAGE_SIZE,
+        device=config["sd"]["device"],
+    threads: resource("real_features", "cpus")
+    resources:
+        mem_mb=resource("real_features", "mem_mb"),
+        runtime=resource("real_features", "runtime"),
+        gpus=resource("real_features", "gpus"),
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/real_features.py"
+
+
+rule fd:
+    input:
+        samples=sample_dirs,
+        real="results/evaluation/real_features.npz",
+        judge="results/models/classifier_judge",
+    output:
+        table="results/evaluation/fd_{model}.tsv",
+    log:
+        "logs/evaluation/fd_{model}.log",
+    params:
+        inception=config["evaluation"]["fid"]["inception_weights"],
+        device=config["sd"]["device"],
+    threads: resource("fd", "cpus")
+    resources:
+        mem_mb=resource("fd", "mem_mb"),
+        runtime=resource("fd", "runtime"),
+        gpus=resource("fd", "gpus"),
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/fd.py"
+
+
+rule lpips:
+    input:
+        samples=sample_dirs,
+        manifest=MANIFEST,
+    output:
+        table="results/evaluation/lpips_{model}.tsv",
+    log:
+        "logs/evaluation/lpips_{model}.log",
+    params:
+        cfg=config["evaluation"]["lpips"],
+        seed=config["evaluation"]["seed"],
+        device=config["sd"]["device"],
+    threads: resource("lpips", "cpus")
+    resources:
+        mem_mb=resource("lpips", "mem_mb"),
+        runtime=resource("lpips", "runtime"),
+        gpus=resource("lpips", "gpus"),
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/perceptual.py"
+
+
+rule evaluation_tables:
+    input:
+        manifest=MANIFEST,
+        scores_sd="results/evaluation/scores_sd.tsv",
+        scores_sd_rl="results/evaluation/scores_sd_rl.tsv",
+        fd_sd="results/evaluation/fd_sd.tsv",
+        fd_sd_rl="results/evaluation/fd_sd_rl.tsv",
+        lpips_sd="results/evaluation/lpips_sd.tsv",
+        lpips_sd_rl="results/evaluation/lpips_sd_rl.tsv",
+    output:
+        table2=report(
+            "results/evaluation/table2.tsv",
+            caption="../report/table2.rst",
+            category="Evaluation",
+            labels={"table": "Table 2: APR of single-artifact prompts"},
+        ),
+        table3=report(
+            "results/evaluation/table3.tsv",
+            caption="../report/table3.rst",
+            category="Evaluation",
+            labels={"table": "Table 3: APR, FD/FID, LPIPS"},
+        ),
+        change=report(
+            "results/evaluation/apr_change.tsv",
+            caption="../report/apr_change.rst",
+            category="Evaluation",
+            labels={"table": "SD -> SD+RL, paired"},
+        ),
+        per_prompt=report(
+            "results/evaluation/apr_per_prompt.tsv",
+            caption="../report/apr_per_prompt.rst",
+            category="Evaluation",
+            labels={"table": "APR per prompt"},
+        ),
+        reward_vs_judge=report(
+            "results/figures/reward_vs_judge.png",
+            caption="../report/reward_vs_judge.rst",
+            category="Evaluation",
+            labels={"figure": "reward vs judge APR"},
+        ),
+    log:
+        "logs/evaluation/evaluation_tables.log",
+    params:
+        bootstrap=config["evaluation"]["bootstrap"],
+        seed=config["evaluation"]["seed"],
+    threads: 1
+    resources:
+        mem_mb=resource("evaluation_tables", "mem_mb"),
+        runtime=resource("evaluation_tables", "runtime"),
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/evaluation_tables.py"
+
+
+rule augmentation_manifest:
+    input:
+        manifest=MANIFEST,
+        samples=lambda wc: sample_dirs(wc, model=AUG_MODEL[wc.aug]),
+    output:
+        manifest="results/augmentation/{aug}/manifest.csv",
+    log:
+        "logs/augmentation/manifest_{aug}.log",
+    params:
+        model=lambda wc: AUG_MODEL[wc.aug],
+    wildcard_constraints:
+        aug="real_sd|real_sd_rl",
+    threads: 1
+    resources:
+        mem_mb=resource("augmentation_manifest", "mem_mb"),
+        runtime=resource("augmentation_manifest", "runtime"),
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/augmentation_manifest.py"
+
+
+rule train_augmented:
+    input:
+        manifest=lambda wc: MANIFEST
+        if wc.aug == "real"
+        else f"results/augmentation/{wc.aug}/manifest.csv",
+    output:
+        model=temp(directory("results/augmentation/{aug}/seed{seed}/classifier")),
+        metrics="results/augmentation/{aug}/seed{seed}/test.tsv",
+        noise="results/augmentation/{aug}/seed{seed}/noise.tsv",
+    log:
+        "logs/augmentation/{aug}_seed{seed}.log",
+    params:
+        cfg=lambda wc: {**config["augmentation"]["classifier"], "seed": int(wc.seed)},
+    threads: resource("train_augmented", "cpus")
+    resources:
+        mem_mb=resource("train_augmented", "mem_mb"),
+        runtime=resource("train_augmented", "runtime"),
+        gpus=resource("train_augmented", "gpus"),
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/train_classifier.py"
+
+
+rule table4:
+    input:
+        metrics=[f"results/augmentation/{a}/seed{s}/test.tsv" for a, s in AUG_RUNS],
+    output:
+        table=report(
+            "results/evaluation/table4.tsv",
+            caption="../report/table4.rst",
+            category="Evaluation",
+            labels={"table": "Table 4: augmentation"},
+        ),
+    log:
+        "logs/augmentation/table4.log",
+    params:
+        runs=AUG_RUNS,
+    threads: 1
+    resources:
+        mem_mb=resource("table4", "mem_mb"),
+        runtime=resource("table4", "runtime"),
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/table4.py"

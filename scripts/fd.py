@@ -1,0 +1,45 @@
+"""Snakemake entry point: FID (or FD on judge features) of one model's samples vs real."""
+
+import sys
+from pathlib import Path
+
+smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
+# the package from this workflow's own src/, also inside conda envs that hold only its deps
+sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from rl4med.evaluation.frechet import fd_rows, group_statistics, load_space, load_statistics
+from rl4med.evaluation.samples import prompts_of, read_sample_folders
+from rl4med.io import run_step, write_table
+from rl4med.models.classifier import load_classifier
+from rl4med.models.sd import resolve_device
+from rl4med.runtime import configure_torch
+
+
+def main() -> None:
+    configure_torch(smk.threads)
+    device = resolve_device(smk.params.device)
+    real, real_counts, label = load_statistics(smk.input.real)
+    space = load_space(
+        smk.params.inception, lambda: load_classifier(smk.input.judge, device), device
+    )
+    if space.label != label:
+        raise ValueError(
+            f"{smk.input.real}: cached statistics are {label!r}, this run uses "
+            f"{space.label!r}; delete the file to recompute it"
+        )
+    images, index = read_sample_folders(list(smk.input.samples))
+    labels = np.array([p.labels for p in prompts_of(index)])
+    gen, gen_counts = group_statistics(space.extract(images), labels)
+    rows = fd_rows(real, real_counts, gen, gen_counts, label)
+    table = pd.DataFrame(rows)
+    table.insert(0, "model", smk.wildcards.model)
+    write_table(table, smk.output.table)
+    logging.getLogger("rl4med").info("%s", table.to_string(index=False))
+
+
+run_step(main, smk.log[0])

@@ -1,0 +1,34 @@
+"""Snakemake entry point: N samples of one prompt from one model (SD or SD+RL)."""
+
+import sys
+from pathlib import Path
+
+smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
+# the package from this workflow's own src/, also inside conda envs that hold only its deps
+sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
+
+from rl4med.evaluation.samples import generate_samples
+from rl4med.io import run_step
+from rl4med.models.sd import DTYPES, load_sd, resolve_device
+from rl4med.prompts import prompt_from_slug
+from rl4med.runtime import configure_torch
+
+
+def main() -> None:
+    cfg = smk.params.cfg
+    configure_torch(smk.threads)
+    sd = load_sd(smk.input.model, resolve_device(smk.params.device), DTYPES[smk.params.dtype])
+    generate_samples(
+        sd,
+        prompt_from_slug(smk.wildcards.prompt),
+        int(cfg["samples_per_prompt"]),
+        int(cfg["seed"]),
+        int(cfg["num_steps"]),
+        float(cfg["guidance_scale"]),
+        float(cfg["eta"]),
+        int(cfg["batch_size"]),
+        smk.output.samples,
+    )
+
+
+run_step(main, smk.log[0])

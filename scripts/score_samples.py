@@ -1,0 +1,40 @@
+"""Snakemake entry point: r_A, exact match and attribute matches of one model's samples."""
+
+import sys
+from pathlib import Path
+
+smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
+# the package from this workflow's own src/, also inside conda envs that hold only its deps
+sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
+
+import logging
+
+from rl4med.evaluation.apr import check_prompt_set, score_samples
+from rl4med.evaluation.samples import prompts_of, read_sample_folders
+from rl4med.io import run_step, write_table
+from rl4med.models.classifier import load_classifier
+from rl4med.models.sd import resolve_device
+from rl4med.runtime import configure_torch
+
+
+def main() -> None:
+    configure_torch(smk.threads)
+    device = resolve_device(smk.params.device)
+    images, index = read_sample_folders(list(smk.input.samples))
+    check_prompt_set(index["prompt"].unique())
+    classifiers = {
+        role: load_classifier(getattr(smk.input, role), device) for role in ("reward", "judge")
+    }
+    scores = score_samples(classifiers, images, index, prompts_of(index))
+    write_table(scores, smk.output.scores)
+    for role, part in scores.groupby("classifier"):
+        logging.getLogger("rl4med").info(
+            "%s: %d samples, APR %.3f, mean r_A %.3f",
+            role,
+            len(part),
+            part["exact"].mean(),
+            part["r_A"].mean(),
+        )
+
+
+run_step(main, smk.log[0])

@@ -1,0 +1,26 @@
+"""Snakemake entry point: the configuration table and the one-page summary of Tables 1-4."""
+
+import sys
+from pathlib import Path
+
+smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
+# the package from this workflow's own src/, also inside conda envs that hold only its deps
+sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
+
+import pandas as pd
+
+from rl4med.evaluation.report import flatten_config, summary_html
+from rl4med.io import run_step, write_table
+
+
+def main() -> None:
+    config = flatten_config(smk.config)
+    write_table(config, smk.output.config)
+    tables = {
+        name: pd.read_csv(getattr(smk.input, name), sep="\t")
+        for name in ("table1", "table2", "table3", "table4", "apr_change")
+    }
+    summary_html({**tables, "config": config}, smk.output.html)
+
+
+run_step(main, smk.log[0])

@@ -1,0 +1,1 @@
+"""Evaluation (paper 3): paired samples of SD and SD+RL, APR, FID/FD, LPIPS, augmentation."""

@@ -1,0 +1,200 @@
+"""APR (paper eq. 3) and the attribute scores of generated samples, by reward and judge.
+
+APR(prompt) = share of samples whose thresholded 6-head prediction equals C(prompt) exactly.
+The same numbers from the reward classifier (which DDPO optimised) and from the independent
+judge (never a reward): a gain that only the reward classifier sees is reward hacking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from rl4med.attributes import ARTIFACTS, ATTRIBUTES, DISEASES
+from rl4med.ddpo.reward import AttributeReward
+from rl4med.evaluation import paper
+from rl4med.models.classifier import AttributeClassifier
+from rl4med.prompts import Prompt, all_prompts, prompt_from_labels
+
+MATCH_COLUMNS = [f"match_{a}" for a in ATTRIBUTES]
+MODELS = {"sd": "SD", "sd_rl": "SD+RL"}
+
+
+def per_sample_scores(
+    classifier: AttributeClassifier, images: np.ndarray, prompts: Sequence[Prompt]
+) -> dict[str, np.ndarray]:
+    """Per sample: r_A, exact match (APR's indicator) and each attribute's match."""
+    scored = AttributeReward(classifier)(images, prompts)
+    match = scored.matches
+    return {
+        "r_A": scored.reward,
+        "exact": match.all(1).astype(float),
+        **{col: match[:, k] for k, col in enumerate(MATCH_COLUMNS)},
+    }
+
+
+def score_samples(
+    classifiers: Mapping[str, AttributeClassifier],
+    images: np.ndarray,
+    index: pd.DataFrame,
+    prompts: Sequence[Prompt],
+) -> pd.DataFrame:
+    """One row per (classifier, sample): prompt, sample, seed, r_A, exact, match_*."""
+    frames = []
+    for name, clf in classifiers.items():
+        part = index[["prompt", "sample", "seed"]].copy()
+        part.insert(0, "classifier", name)
+        for col, values in per_sample_scores(clf, images, prompts).items():
+            part[col] = values
+        frames.append(part)
+    return pd.concat(frames, ignore_index=True)
+
+
+def paired_bootstrap(
+    before: np.ndarray, after: np.ndarray, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of (after - before) and its 95% percentile interval over resampled pairs."""
+    diff = np.asarray(after, float) - np.asarray(before, float)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (n_boot, len(diff)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(lo), float(hi)
+
+
+def apr_by_prompt(scores: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per model, classifier and prompt: APR, mean r_A and the per-attribute match rates."""
+    frames = []
+    for model, df in scores.items():
+        agg = df.groupby(["classifier", "prompt"], sort=False)[["exact", "r_A", *MATCH_COLUMNS]]
+        out = agg.mean().reset_index().rename(columns={"exact": "APR"})
+        out.insert(0, "model", model)
+        out["n"] = df.groupby(["classifier", "prompt"], sort=False).size().to_numpy()
+        frames.append(out)
+    return pd.concat(frames, ignore_index=True)
+
+
+def paired_change(
+    sd: pd.DataFrame, sd_rl: pd.DataFrame, n_boot: int = 2000, seed: int = 0
+) -> pd.DataFrame:
+    """SD -> SD+RL on the same noise: every metric's change with a paired 95% interval."""
+    keys = ["classifier", "prompt", "sample"]
+    merged = sd.merge(sd_rl, on=keys, suffixes=("_sd", "_rl"), validate="one_to_one")
+    if len(merged) != len(sd) or not (merged["seed_sd"] == merged["seed_rl"]).all():
+        raise ValueError(
+            "SD and SD+RL samples are not paired (different prompts, samples or seeds)"
+        )
+    rows = []
+    for clf, part in merged.groupby("classifier", sort=False):
+        for metric in ["exact", "r_A", *MATCH_COLUMNS]:
+            b, a = part[f"{metric}_sd"].to_numpy(), part[f"{metric}_rl"].to_numpy()
+            delta, lo, hi = paired_bootstrap(b, a, n_boot, seed)
+            rows.append(
+                {
+                    "classifier": clf,
+                    "metric": "APR" if metric == "exact" else metric,
+                    "SD": b.mean(),
+                    "SD+RL": a.mean(),
+                    "change": delta,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "n": len(b),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of a mean."""
+    values = np.asarray(values, float)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def subgroup_counts(train: pd.DataFrame, prompt: Prompt) -> tuple[int, int]:
+    """Real training images of the prompt's exact label combination, and of disease + artifacts."""
+    labels = train[list(ATTRIBUTES)].to_numpy()
+    want = np.array(prompt.labels)
+    exact = int((labels == want).all(1).sum())
+    asked = [k for k, a in enumerate(ATTRIBUTES) if want[k] or a in DISEASES]
+    loose = int((labels[:, asked] == want[asked]).all(1).sum())
+    return exact, loose
+
+
+def table2(per_prompt: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
+    """Table 2: APR (%) of MEL/NV x single-artifact prompts, beside the real subgroup sizes."""
+    rows = []
+    for disease in DISEASES:
+        for artifact in ARTIFACTS:
+            labels = [int(a in (disease, artifact)) for a in ATTRIBUTES]
+            prompt = prompt_from_labels(labels)
+            exact, loose = subgroup_counts(train, prompt)
+            p_real, p_sd, p_rl = paper.TABLE2[(disease, artifact)]
+            row = {
+                "disease": disease,
+                "artifact": artifact,
+                "prompt": prompt.slug,
+                "n_real_train_exact": exact,
+                "n_real_train_with_artifact": loose,
+            }
+            for clf in ("reward", "judge"):
+                for model, label in MODELS.items():
+                    sel = per_prompt[
+                        (per_prompt["model"] == model)
+                        & (per_prompt["classifier"] == clf)
+                        & (per_prompt["prompt"] == prompt.slug)
+                    ]
+                    row[f"APR_{label}_{clf}"] = 100 * float(sel["APR"].iloc[0])
+            row.update({"paper_n_real": p_real, "paper_APR_SD": p_sd, "paper_APR_SD+RL": p_rl})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def table3(
+    scores: Mapping[str, pd.DataFrame],
+    fd: Mapping[str, pd.DataFrame],
+    lpips: Mapping[str, pd.DataFrame],
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Table 3: mean over the 32 prompts of APR (%; reward and judge, 95% CI), FD/FID, LPIPS.
+
+    The FD and LPIPS columns carry their labels ("FD (judge features), ..." when no Inception
+    weights were configured), so a demo number is never mistaken for a published one.
+    """
+    rows = []
+    for model, label in MODELS.items():
+        row: dict[str, object] = {"model": label}
+        df = scores[model]
+        for clf in ("reward", "judge"):
+            exact = df.loc[df["classifier"] == clf, "exact"].to_numpy()
+            lo, hi = bootstrap_ci(exact, n_boot, seed)
+            row[f"APR_{clf}"] = 100 * exact.mean()
+            row[f"APR_{clf}_ci"] = f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+        row["r_A_judge"] = df.loc[df["classifier"] == "judge", "r_A"].mean()
+        overall = fd[model][fd[model]["group"] == "all"].iloc[0]
+        row[str(overall["metric"])] = float(overall["value"])
+        lp = lpips[model]
+        lp = lp[lp["n_pairs"] > 0]
+        weights = lp["n_pairs"].to_numpy()
+        row[str(lp["metric"].iloc[0]) if len(lp) else "LPIPS"] = (
+            float(np.average(lp["lpips"], weights=weights)) if len(lp) else float("nan")
+        )
+        p_apr, p_fid, p_lpips = paper.TABLE3[label]
+        row.update({"paper_APR": p_apr, "paper_FID": p_fid, "paper_LPIPS": p_lpips})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def check_prompt_set(slugs: Sequence[str]) -> None:
+    """The evaluation covers exactly the paper's 32 prompts."""
+    expected = {p.slug for p in all_prompts()}
+    if set(slugs) != expected:
+        missing, extra = expected - set(slugs), set(slugs) - expected
+        raise ValueError(
+            f"sample folders do not cover the 32 prompts: missing {sorted(missing)}, "
+            f"unexpected {sorted(extra)}"
+        )

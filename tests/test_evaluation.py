@@ -1,0 +1,370 @@
+"""Evaluation: APR semantics, paired seeding, FD/FID through torch-fidelity, LPIPS, Table 2-4
+builders and the augmentation manifest."""
+
+import os
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from tiny_models import tiny_sd_config
+
+from rl4med.attributes import ATTRIBUTES
+from rl4med.data.manifest import read_manifest, write_manifest
+from rl4med.evaluation import paper
+from rl4med.evaluation.apr import (
+    apr_by_prompt,
+    paired_change,
+    score_samples,
+    table2,
+    table3,
+)
+from rl4med.evaluation.augmentation import augmented_manifest, rarest_artifact, table4
+from rl4med.evaluation.frechet import (
+    FD_JUDGE_LABEL,
+    FID_LABEL,
+    frechet_distance,
+    group_statistics,
+    inception_space,
+    judge_space,
+    load_statistics,
+    save_statistics,
+    statistics,
+)
+from rl4med.evaluation.perceptual import (
+    load_lpips,
+    lpips_distances,
+    lpips_table,
+    pair_with_real,
+    read_state_dict,
+)
+from rl4med.evaluation.samples import generate_samples, read_samples, sample_seeds
+from rl4med.models.classifier import AttributeClassifier, ClassifierSpec, create_backbone
+from rl4med.models.sd import build_tiny_sd
+from rl4med.prompts import all_prompts, prompt_from_slug
+
+
+class FixedPredictions:
+    """A classifier whose thresholded predictions are given: APR's input, constructed."""
+
+    def __init__(self, predictions: np.ndarray) -> None:
+        self.predictions = np.asarray(predictions)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        assert len(images) == len(self.predictions)
+        return self.predictions
+
+
+def _index(slugs):
+    return pd.DataFrame({"prompt": slugs, "sample": range(len(slugs)), "seed": range(len(slugs))})
+
+
+def test_apr_is_exact_match_of_all_six_attributes_including_no_artifact_prompts():
+    slugs = ["nv__none"] * 4 + ["mel__hair-ink"] * 2
+    preds = np.array(
+        [
+            [0, 1, 0, 0, 0, 0],  # nv__none exactly
+            [0, 1, 1, 0, 0, 0],  # unwanted hair: not exact, 5/6 attributes right
+            [1, 0, 0, 0, 0, 0],  # wrong disease
+            [0, 1, 0, 0, 0, 0],
+            [1, 0, 1, 0, 1, 0],  # mel, hair, ink exactly
+            [1, 0, 1, 0, 0, 0],  # ink missing
+        ]
+    )
+    prompts = [prompt_from_slug(s) for s in slugs]
+    scores = score_samples(
+        {"judge": FixedPredictions(preds)}, np.zeros((6, 8, 8, 3), np.uint8), _index(slugs), prompts
+    )
+    assert scores["exact"].tolist() == [1, 0, 0, 1, 1, 0]
+    assert scores["r_A"].tolist() == pytest.approx([1, 5 / 6, 4 / 6, 1, 1, 5 / 6])
+    per_prompt = apr_by_prompt({"sd": scores}).set_index("prompt")
+    assert per_prompt.loc["nv__none", "APR"] == 0.5
+    assert per_prompt.loc["mel__hair-ink", "APR"] == 0.5
+    assert per_prompt.loc["nv__none", "match_hair"] == 0.75
+    assert per_prompt.loc["mel__hair-ink", "n"] == 2
+
+
+def test_paired_change_requires_pairs_and_gives_an_interval():
+    slugs = ["nv__none"] * 50
+    prompts = [prompt_from_slug(s) for s in slugs]
+    right = np.tile([0, 1, 0, 0, 0, 0], (50, 1))
+    wrong = right.copy()
+    wrong[:30, 2] = 1  # SD draws unwanted hair in 30 of 50 samples
+    img = np.zeros((50, 4, 4, 3), np.uint8)
+    sd = score_samples({"judge": FixedPredictions(wrong)}, img, _index(slugs), prompts)
+    rl = score_samples({"judge": FixedPredictions(right)}, img, _index(slugs), prompts)
+    change = paired_change(sd, rl, n_boot=500).set_index("metric")
+    assert change.loc["APR", "SD"] == pytest.approx(0.4)
+    assert change.loc["APR", "SD+RL"] == 1.0
+    assert change.loc["APR", "change"] == pytest.approx(0.6)
+    assert change.loc["APR", "ci_low"] < 0.6 < change.loc["APR", "ci_high"]
+    shifted = rl.assign(seed=rl["seed"] + 1)
+    with pytest.raises(ValueError, match="not paired"):
+        paired_change(sd, shifted)
+
+
+def test_table2_and_table3_sit_beside_the_papers_numbers():
+    rows = []
+    for model in ("sd", "sd_rl"):
+        for clf in ("reward", "judge"):
+            for p in all_prompts():
+                rows.append(
+                    {
+                        "model": model,
+                        "classifier": clf,
+                        "prompt": p.slug,
+                        "APR": 0.25 if model == "sd" else 0.5,
+                    }
+                )
+    per_prompt = pd.DataFrame(rows)
+    train = pd.DataFrame(
+        [[1, 0, 1, 0, 0, 0], [1, 0, 1, 0, 0, 1], [0, 1, 0, 0, 1, 0]], columns=list(ATTRIBUTES)
+    )
+    t2 = table2(per_prompt, train).set_index("prompt")
+    assert len(t2) == 8
+    assert t2.loc["mel__hair", "n_real_train_exact"] == 1
+    assert t2.loc["mel__hair", "n_real_train_with_artifact"] == 2
+    assert t2.loc["nv__ink", "n_real_train_exact"] == 1
+    assert t2.loc["mel__hair", "APR_SD+RL_judge"] == 50.0
+    assert t2.loc["mel__gel", "paper_APR_SD+RL"] == 94.37
+
+    scores = {
+        m: pd.DataFrame(
+            {"classifier": ["reward", "judge"] * 2, "exact": [1, 0, 1, 1], "r_A": [1, 0.5, 1, 1]}
+        )
+        for m in ("sd", "sd_rl")
+    }
+    fd = {
+        m: pd.DataFrame(
+            {"group": ["all", "MEL"], "metric": [FD_JUDGE_LABEL] * 2, "value": [3.0, 4.0]}
+        )
+        for m in scores
+    }
+    lp = {
+        m: pd.DataFrame({"metric": ["LPIPS (x)"] * 2, "n_pairs": [1, 3], "lpips": [0.2, 0.6]})
+        for m in scores
+    }
+    t3 = table3(scores, fd, lp, n_boot=200).set_index("model")
+    assert t3.loc["SD", "APR_judge"] == 50.0
+    assert t3.loc["SD", FD_JUDGE_LABEL] == 3.0
+    assert t3.loc["SD", "LPIPS (x)"] == pytest.approx(0.5)  # weighted by pairs
+    assert t3.loc["SD+RL", "paper_FID"] == paper.TABLE3["SD+RL"][1]
+
+
+def test_generated_samples_are_paired_by_prompt_and_index(tmp_path):
+    sd = build_tiny_sd(tiny_sd_config(), 32)
+    other = build_tiny_sd(tiny_sd_config(seed=5), 32)
+    prompt = prompt_from_slug("mel__gel-ruler")
+    args = dict(n=3, seed=1, num_steps=2, guidance_scale=2.0, eta=1.0, batch_size=2)
+    a = generate_samples(sd, prompt, out_dir=tmp_path / "a", **args)
+    b = generate_samples(other, prompt, out_dir=tmp_path / "b", **args)
+    generate_samples(sd, prompt, out_dir=tmp_path / "c", **args)
+    assert a["seed"].tolist() == b["seed"].tolist() == sample_seeds(prompt, 3, 1)
+    assert (
+        len(set(sample_seeds(prompt, 3, 1)) & set(sample_seeds(prompt_from_slug("nv__none"), 3, 1)))
+        == 0
+    )
+    img_a, _ = read_samples(tmp_path / "a")
+    img_b, _ = read_samples(tmp_path / "b")
+    img_c, idx = read_samples(tmp_path / "c")
+    assert img_a.shape == (3, 32, 32, 3)
+    assert np.array_equal(img_a, img_c)  # batch split (2 + 1) does not change a sample
+    assert not np.array_equal(img_a, img_b)
+    assert idx["file"].tolist() == ["00000.png", "00001.png", "00002.png"]
+    with pytest.raises(ValueError, match="at least 1"):
+        generate_samples(sd, prompt, out_dir=tmp_path / "d", **{**args, "n": 0})
+    assert not (tmp_path / "d").exists()
+
+
+def test_read_samples_refuses_an_unfinished_folder(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ValueError, match="did not finish"):
+        read_samples(tmp_path / "x")
+
+
+def _images(n, seed, shift=0):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(60, 200, (n, 1, 1, 3))
+    noise = rng.integers(-40, 40, (n, 32, 32, 3))
+    return np.clip(base + noise + shift, 0, 255).astype(np.uint8)
+
+
+def _judge():
+    torch.manual_seed(0)
+    spec = ClassifierSpec(architecture="resnet10t", image_size=32, thresholds=[0.5] * 6)
+    return AttributeClassifier(spec, create_backbone("resnet10t")).eval()
+
+
+def test_fd_on_judge_features_is_zero_for_a_set_against_itself_and_grows_with_a_shift(tmp_path):
+    space = judge_space(_judge())
+    assert space.label == FD_JUDGE_LABEL
+    real = space.extract(_images(64, 0))
+    assert real.shape == (64, 512)
+    same = frechet_distance(statistics(real), statistics(real))
+    near = frechet_distance(statistics(real), statistics(space.extract(_images(64, 1))))
+    far = frechet_distance(statistics(real), statistics(space.extract(_images(64, 1, shift=60))))
+    assert abs(same) < 1e-6 * max(1.0, near)
+    assert 0 < near < far
+    labels = np.array([[1, 0, 0, 0, 0, 0]] * 20 + [[0, 1, 0, 0, 0, 0]] * 44)
+    stats, counts = group_statistics(real, labels)
+    save_statistics(stats, counts, space.label, tmp_path / "real.npz")
+    loaded, n, label = load_statistics(tmp_path / "real.npz")
+    assert label == FD_JUDGE_LABEL and n == {"all": 64, "MEL": 20, "NV": 44}
+    assert np.array_equal(loaded["MEL"]["sigma"], stats["MEL"]["sigma"])
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A random-weight Inception file in torch-fidelity's format, BatchNorm calibrated.
+
+    A fresh Inception's BatchNorm statistics (mean 0, var 1) make every feature constant and FID 0
+    for any input, so its running statistics are first estimated on random images.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    torch.manual_seed(0)
+    # build it without weights: no file is read, nothing is downloaded
+    with (
+        mock.patch("torch.load", return_value={}),
+        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"),
+    ):
+        model = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path="unused"
+        )
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for seed in range(3):
+            model(torch.from_numpy(_images(8, 100 + seed)).permute(0, 3, 1, 2).contiguous())
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_fid_through_torch_fidelity_inception_is_zero_against_itself_and_grows(inception_weights):
+    space = inception_space(inception_weights, torch.device("cpu"), batch_size=16)
+    assert space.label == FID_LABEL
+    real = space.extract(_images(24, 0))
+    assert real.shape == (24, 2048) and real.std(0).max() > 0
+    same = frechet_distance(statistics(real), statistics(real))
+    near = frechet_distance(statistics(real), statistics(space.extract(_images(24, 1))))
+    far = frechet_distance(statistics(real), statistics(space.extract(_images(24, 1, shift=80))))
+    assert abs(same) < 1e-4 * near  # rank-deficient 2048-d covariances: eigen round-off
+    assert 0 < near < far
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_weight_files_with_pickled_code_are_refused(tmp_path):
+    bad = tmp_path / "bad.pth"
+    torch.save({"w": Payload()}, bad)
+    with pytest.raises(ValueError, match="refused"):
+        read_state_dict(bad)
+    with pytest.raises(ValueError, match="refused"):
+        inception_space(bad, torch.device("cpu"))
+    with pytest.raises(ValueError, match="not found"):
+        inception_space(tmp_path / "missing.pth", torch.device("cpu"))
+
+
+def test_lpips_is_zero_for_identical_images_and_uses_a_local_backbone(tmp_path):
+    import torchvision
+
+    model, label = load_lpips("alex", None, torch.device("cpu"))
+    assert "random alex backbone" in label and "not comparable" in label
+    a, b = _images(4, 0), _images(4, 1)
+    assert np.allclose(lpips_distances(model, a, a), 0, atol=1e-6)
+    assert (lpips_distances(model, a, b) > 0).all()
+    torch.manual_seed(3)
+    reference = torchvision.models.alexnet(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "alexnet.pth")
+    local, label = load_lpips("alex", str(tmp_path / "alexnet.pth"), torch.device("cpu"))
+    assert label == "LPIPS (alex)"
+    assert torch.equal(local.net.slice1[0].weight, reference.features[0].weight)
+    assert torch.equal(getattr(local.net.slice5, "10").weight, reference.features[10].weight)
+    torch.save({"x": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="not torchvision alexnet weights"):
+        load_lpips("alex", str(tmp_path / "wrong.pth"), torch.device("cpu"))
+
+
+def _real_manifest(tmp_path):
+    rows = []
+    combos = {"nv__none": 3, "mel__hair": 2}
+    for slug, n in combos.items():
+        labels = prompt_from_slug(slug).labels
+        for k in range(n):
+            name = f"{slug}_{k}.png"
+            Image.fromarray(_images(1, k)[0]).save(tmp_path / name)
+            split = "train" if k < n - 1 else "test"
+            rows.append(
+                {
+                    "image_id": name,
+                    "path": name,
+                    "split": split,
+                    **dict(zip(ATTRIBUTES, labels, strict=True)),
+                }
+            )
+    write_manifest(pd.DataFrame(rows), tmp_path / "manifest.csv")
+    return tmp_path / "manifest.csv"
+
+
+def test_lpips_pairs_only_real_images_of_the_same_labels(tmp_path):
+    real = read_manifest(_real_manifest(tmp_path))
+    prompts = ["nv__none"] * 3 + ["mel__ink"] * 2
+    pairs = pair_with_real(prompts, real, pairs_per_prompt=2, seed=0)
+    assert [r for r, _ in pairs] == [0, 1]
+    assert all("nv__none" in p for _, p in pairs)
+    assert pair_with_real(prompts, real, 2, seed=0) == pairs  # seeded
+    model, label = load_lpips("alex", None, torch.device("cpu"))
+    table = lpips_table(model, label, _images(5, 7), prompts, real, 2, 0).set_index("prompt")
+    assert table.loc["nv__none", "n_pairs"] == 2
+    assert table.loc["nv__none", "n_real_candidates"] == 3
+    assert table.loc["mel__ink", "n_pairs"] == 0 and np.isnan(table.loc["mel__ink", "lpips"])
+    assert (table["metric"] == label).all()
+
+
+def test_augmentation_labels_come_from_the_prompts(tmp_path):
+    manifest = _real_manifest(tmp_path)
+    sd = build_tiny_sd(tiny_sd_config(), 32)
+    folders = []
+    for slug in ("mel__gel-ink", "nv__ruler"):
+        folders.append(str(tmp_path / "samples" / slug))
+        generate_samples(sd, prompt_from_slug(slug), 2, 0, 2, 2.0, 1.0, 2, folders[-1])
+    out = tmp_path / "aug" / "manifest.csv"
+    augmented_manifest(manifest, folders, "sd", out)
+    df = read_manifest(out)
+    synthetic = df[df["image_id"].str.startswith("sd/")]
+    assert len(synthetic) == 4 and (synthetic["split"] == "train").all()
+    gel_ink = synthetic[synthetic["image_id"].str.contains("mel__gel-ink")]
+    assert (gel_ink[list(ATTRIBUTES)].to_numpy() == [1, 0, 0, 1, 1, 0]).all()
+    assert len(df[~df.index.isin(synthetic.index)]) == 5  # real rows unchanged
+    assert df["path"].map(os.path.isfile).all()
+
+
+def test_table4_means_and_stds_over_seeds_beside_the_paper():
+    def metrics(f1):
+        return pd.DataFrame({"attribute": list(ATTRIBUTES), "f1": [f1] * 6, "accuracy": [0.9] * 6})
+
+    runs = {
+        ("real", 0): metrics(0.5),
+        ("real", 1): metrics(0.7),
+        ("real_sd", 0): metrics(0.6),
+        ("real_sd", 1): metrics(0.6),
+        ("real_sd_rl", 0): metrics(0.8),
+        ("real_sd_rl", 1): metrics(0.9),
+    }
+    t4 = table4(runs).set_index("attribute")
+    assert t4.loc["ink", "F1_Real"] == pytest.approx(0.6)
+    assert t4.loc["ink", "F1_Real_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert t4.loc["ink", "Acc_Real+SD-RL"] == pytest.approx(90.0)
+    assert t4.loc["gel_bubbles", "paper_F1_Real+SD-RL"] == 0.70
+    assert np.isnan(t4.loc["MEL", "paper_F1_Real"])
+    assert t4.loc["hair", "seeds"] == 2
+    train = pd.DataFrame({"hair": [1, 1], "gel_bubbles": [1, 0], "ink": [0, 0], "ruler": [1, 1]})
+    assert rarest_artifact(train) == "ink"
