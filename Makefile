@@ -12,11 +12,13 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup demo test dryrun lint clean
+.PHONY: help setup demo sweep test bench dryrun lint clean
 
 help:
 	@echo "make demo    install into $(VENV) and run the embedded demo to results/report.html"
 	@echo "make test    install into $(VENV) and run every test (includes a micro end-to-end run)"
+	@echo "make sweep   the demo plus a 2-setting DDPO sweep (config/sweep.yaml), about 10 minutes more"
+	@echo "make bench   CPU benchmarks (ratios against bare baselines) -> benchmarks/results.md"
 	@echo "make dryrun  dry-run the demo and the paper-scale (ISIC2019) configs"
 	@echo "make lint    ruff and snakemake --lint"
 
@@ -39,9 +41,19 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc; }
 
+# a DDPO hyper-parameter sweep on the demo (too long for `make demo`): config/sweep.yaml
+sweep: setup
+	snakemake --cores $(CORES) --configfile config.yaml config/sweep.yaml
+	snakemake --configfile config.yaml config/sweep.yaml --report results/report.html
+	@echo "sweep: results/sweep/table.tsv, report: results/report.html"
+
+# speed goals: ratios against bare baselines measured in the same run (never timed tests)
+bench: setup
+	$(BIN)/python benchmarks/report.py
+
 dryrun: setup
 	snakemake -n --quiet rules
-	snakemake -n --quiet rules --configfile config/isic2019.yaml
+	snakemake -n --quiet rules --configfile config/isic2019-sd15.yaml
 
 lint: setup
 	$(BIN)/ruff check src scripts tests benchmarks

@@ -19,6 +19,7 @@ include: "rules/models.smk"
 include: "rules/ddpo.smk"
 include: "rules/evaluation.smk"
 include: "rules/report.smk"
+include: "rules/sweep.smk"
 
 
 rule all:

@@ -30,8 +30,20 @@ validate_config(config)
 # the one prompt builder (stdlib only, so the Snakemake process can import it anywhere)
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 from rl4med.prompts import all_slugs
+from rl4med.sweep import BASELINE, expand_grid
 
 PROMPT_SLUGS = all_slugs()
+# the prompts the evaluation samples (all 32 unless the config names a subset)
+EVAL_SLUGS = config["evaluation"]["prompts"] or PROMPT_SLUGS
+_unknown = sorted(set(EVAL_SLUGS) - set(PROMPT_SLUGS))
+if _unknown:
+    raise WorkflowError(
+        f"Invalid config at key 'evaluation.prompts': unknown prompt slugs {_unknown}; "
+        f"the 32 slugs are {', '.join(PROMPT_SLUGS)}"
+    )
+
+# Apptainer image of all rules with --sdm apptainer (a .sif path or a docker URI); null = none
+CONTAINER = config["container"]
 
 DATA_SOURCE = config["data"]["source"]
 MANIFEST = "results/data/manifest.csv"
@@ -64,10 +76,31 @@ AUG_SETS = ["real", *AUG_MODEL]
 AUG_RUNS = [(a, int(s)) for a in AUG_SETS for s in config["augmentation"]["seeds"]]
 
 
+# DDPO sweep (optional): one ddpo_sweep job per combination of config["sweep"]["grid"], each
+# model evaluated on the sweep's prompts against the stage-i model ("sweep-baseline": the SD
+# samples of those prompts)
+SWEEP = config.get("sweep") or {}
+try:
+    SWEEP_SETTINGS = expand_grid(SWEEP["grid"]) if SWEEP else {}
+except ValueError as err:
+    raise WorkflowError(f"Invalid config at key 'sweep.grid': {err}") from None
+SWEEP_SLUGS = SWEEP.get("prompts") or EVAL_SLUGS
+if set(SWEEP_SLUGS) - set(EVAL_SLUGS):
+    raise WorkflowError(
+        "Invalid config at key 'sweep.prompts': every sweep prompt must be evaluated too "
+        f"(evaluation.prompts); not: {sorted(set(SWEEP_SLUGS) - set(EVAL_SLUGS))}"
+    )
+MODEL_DIRS.update({f"sweep-{name}": f"results/sweep/{name}/model" for name in SWEEP_SETTINGS})
+METRIC_MODELS = [*MODEL_DIRS, *([f"sweep-{BASELINE}"] if SWEEP else [])]
+
+
 def sample_dirs(wildcards, model=None):
-    """The 32 generate outputs of one model (the wildcard's unless given)."""
-    return expand("results/samples/{model}/{prompt}", model=model or wildcards.model,
-                  prompt=PROMPT_SLUGS)
+    """The generate outputs one model is evaluated on (the wildcard's model unless given)."""
+    model = model or wildcards.model
+    if model == f"sweep-{BASELINE}":
+        return expand("results/samples/sd/{prompt}", prompt=SWEEP_SLUGS)
+    prompts = SWEEP_SLUGS if model.startswith("sweep-") else EVAL_SLUGS
+    return expand("results/samples/{model}/{prompt}", model=model, prompt=prompts)
 
 
 def resource(rule_name, key):
@@ -93,4 +126,5 @@ def all_targets():
         "results/figures/samples",
         "results/figures/ddpo_reward.png",
         "results/report/summary.html",
+        *(["results/sweep/table.tsv"] if SWEEP else []),
     ]

@@ -16,6 +16,8 @@ if DATA_SOURCE == "synthetic":
             runtime=resource("synthetic_data", "runtime"),
         conda:
             "../envs/data.yaml"
+        container:
+            CONTAINER
         script:
             "../scripts/synthetic_data.py"
 
@@ -36,6 +38,8 @@ else:
             runtime=resource("isic2019_manifest", "runtime"),
         conda:
             "../envs/data.yaml"
+        container:
+            CONTAINER
         script:
             "../scripts/isic2019_manifest.py"
 
@@ -58,5 +62,7 @@ rule table1:
         runtime=resource("table1", "runtime"),
     conda:
         "../envs/data.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/table1.py"

@@ -25,9 +25,11 @@ rule ddpo:
     resources:
         mem_mb=resource("ddpo", "mem_mb"),
         runtime=resource("ddpo", "runtime"),
-        gpus=resource("ddpo", "gpus"),
+        gpu=resource("ddpo", "gpus"),
     conda:
         "../envs/torch.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/ddpo.py"
 

@@ -4,7 +4,7 @@
 
 
 wildcard_constraints:
-    model="|".join(EVAL_MODELS),
+    model="|".join(re.escape(m) for m in METRIC_MODELS),
     prompt="|".join(PROMPT_SLUGS),
     aug="|".join(AUG_SETS),
     seed=r"\d+",
@@ -25,9 +25,11 @@ rule generate:
     resources:
         mem_mb=resource("generate", "mem_mb"),
         runtime=resource("generate", "runtime"),
-        gpus=resource("generate", "gpus"),
+        gpu=resource("generate", "gpus"),
     conda:
         "../envs/torch.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/generate.py"
 
@@ -47,9 +49,11 @@ rule score_samples:
     resources:
         mem_mb=resource("score_samples", "mem_mb"),
         runtime=resource("score_samples", "runtime"),
-        gpus=resource("score_samples", "gpus"),
+        gpu=resource("score_samples", "gpus"),
     conda:
         "../envs/torch.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/score_samples.py"
 
@@ -70,9 +74,11 @@ rule real_features:
     resources:
         mem_mb=resource("real_features", "mem_mb"),
         runtime=resource("real_features", "runtime"),
-        gpus=resource("real_features", "gpus"),
+        gpu=resource("real_features", "gpus"),
     conda:
         "../envs/torch.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/real_features.py"
 
@@ -93,9 +99,11 @@ rule fd:
     resources:
         mem_mb=resource("fd", "mem_mb"),
         runtime=resource("fd", "runtime"),
-        gpus=resource("fd", "gpus"),
+        gpu=resource("fd", "gpus"),
     conda:
         "../envs/torch.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/fd.py"
 
@@ -116,9 +124,11 @@ rule lpips:
     resources:
         mem_mb=resource("lpips", "mem_mb"),
         runtime=resource("lpips", "runtime"),
-        gpus=resource("lpips", "gpus"),
+        gpu=resource("lpips", "gpus"),
     conda:
         "../envs/torch.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/perceptual.py"
 
@@ -174,6 +184,8 @@ rule evaluation_tables:
         runtime=resource("evaluation_tables", "runtime"),
     conda:
         "../envs/torch.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/evaluation_tables.py"
 
@@ -196,6 +208,8 @@ rule augmentation_manifest:
         runtime=resource("augmentation_manifest", "runtime"),
     conda:
         "../envs/data.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/augmentation_manifest.py"
 
@@ -217,9 +231,11 @@ rule train_augmented:
     resources:
         mem_mb=resource("train_augmented", "mem_mb"),
         runtime=resource("train_augmented", "runtime"),
-        gpus=resource("train_augmented", "gpus"),
+        gpu=resource("train_augmented", "gpus"),
     conda:
         "../envs/torch.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/train_classifier.py"
 
@@ -244,5 +260,7 @@ rule table4:
         runtime=resource("table4", "runtime"),
     conda:
         "../envs/data.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/table4.py"

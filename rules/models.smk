@@ -23,9 +23,11 @@ if SD_KIND == "tiny" and TINY_AUTOENCODER == "kl":
         resources:
             mem_mb=resource("vae_pretrain", "mem_mb"),
             runtime=resource("vae_pretrain", "runtime"),
-            gpus=resource("vae_pretrain", "gpus"),
+            gpu=resource("vae_pretrain", "gpus"),
         conda:
             "../envs/torch.yaml"
+        container:
+            CONTAINER
         script:
             "../scripts/vae_pretrain.py"
 
@@ -47,6 +49,8 @@ if SD_KIND == "tiny":
             runtime=resource("build_sd", "runtime"),
         conda:
             "../envs/torch.yaml"
+        container:
+            CONTAINER
         script:
             "../scripts/build_sd.py"
 
@@ -75,9 +79,11 @@ rule finetune_sd:
     resources:
         mem_mb=resource("finetune_sd", "mem_mb"),
         runtime=resource("finetune_sd", "runtime"),
-        gpus=resource("finetune_sd", "gpus"),
+        gpu=resource("finetune_sd", "gpus"),
     conda:
         "../envs/torch.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/finetune_sd.py"
 
@@ -109,9 +115,11 @@ rule train_classifier:
     resources:
         mem_mb=resource("train_classifier", "mem_mb"),
         runtime=resource("train_classifier", "runtime"),
-        gpus=resource("train_classifier", "gpus"),
+        gpu=resource("train_classifier", "gpus"),
     conda:
         "../envs/torch.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/train_classifier.py"
 
@@ -137,9 +145,11 @@ rule autoencoder_check:
     resources:
         mem_mb=resource("autoencoder_check", "mem_mb"),
         runtime=resource("autoencoder_check", "runtime"),
-        gpus=resource("autoencoder_check", "gpus"),
+        gpu=resource("autoencoder_check", "gpus"),
     conda:
         "../envs/torch.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/autoencoder_check.py"
 
@@ -172,8 +182,10 @@ rule stage_i_check:
     resources:
         mem_mb=resource("stage_i_check", "mem_mb"),
         runtime=resource("stage_i_check", "runtime"),
-        gpus=resource("stage_i_check", "gpus"),
+        gpu=resource("stage_i_check", "gpus"),
     conda:
         "../envs/torch.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/stage_i_check.py"

@@ -24,6 +24,8 @@ rule sample_grids:
         runtime=resource("sample_grids", "runtime"),
     conda:
         "../envs/torch.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/sample_grids.py"
 
@@ -52,6 +54,8 @@ rule ddpo_curves:
         runtime=resource("ddpo_curves", "runtime"),
     conda:
         "../envs/torch.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/ddpo_curves.py"
 
@@ -84,5 +88,7 @@ rule summary:
         runtime=resource("summary", "runtime"),
     conda:
         "../envs/torch.yaml"
+    container:
+        CONTAINER
     script:
         "../scripts/summary.py"

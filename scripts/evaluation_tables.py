@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 import pandas as pd
 
 from rl4med.data.manifest import read_manifest
-from rl4med.evaluation.apr import apr_by_prompt, paired_change, table2, table3
+from rl4med.evaluation.apr import apr_by_prompt, check_prompt_set, paired_change, table2, table3
 from rl4med.evaluation.report import reward_vs_judge
 from rl4med.io import run_step, write_table
 
@@ -22,6 +22,7 @@ def read(path: str) -> pd.DataFrame:
 def main() -> None:
     inp, out, n_boot, seed = smk.input, smk.output, int(smk.params.bootstrap), int(smk.params.seed)
     scores = {"sd": read(inp.scores_sd), "sd_rl": read(inp.scores_sd_rl)}
+    check_prompt_set(scores["sd"]["prompt"].unique())
     per_prompt = apr_by_prompt(scores)
     write_table(per_prompt, out.per_prompt)
     write_table(table2(per_prompt, read_manifest(inp.manifest, "train")), out.table2)

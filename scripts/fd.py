@@ -10,9 +10,8 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 import logging
 
 import numpy as np
-import pandas as pd
 
-from rl4med.evaluation.frechet import fd_rows, group_statistics, load_space, load_statistics
+from rl4med.evaluation.frechet import load_space, model_fd
 from rl4med.evaluation.samples import prompts_of, read_sample_folders
 from rl4med.io import run_step, write_table
 from rl4med.models.classifier import load_classifier
@@ -23,20 +22,12 @@ from rl4med.runtime import configure_torch
 def main() -> None:
     configure_torch(smk.threads)
     device = resolve_device(smk.params.device)
-    real, real_counts, label = load_statistics(smk.input.real)
     space = load_space(
         smk.params.inception, lambda: load_classifier(smk.input.judge, device), device
     )
-    if space.label != label:
-        raise ValueError(
-            f"{smk.input.real}: cached statistics are {label!r}, this run uses "
-            f"{space.label!r}; delete the file to recompute it"
-        )
     images, index = read_sample_folders(list(smk.input.samples))
     labels = np.array([p.labels for p in prompts_of(index)])
-    gen, gen_counts = group_statistics(space.extract(images), labels)
-    rows = fd_rows(real, real_counts, gen, gen_counts, label)
-    table = pd.DataFrame(rows)
+    table = model_fd(smk.input.real, space, images, labels)
     table.insert(0, "model", smk.wildcards.model)
     write_table(table, smk.output.table)
     logging.getLogger("rl4med").info("%s", table.to_string(index=False))

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 
 import logging
 
-from rl4med.evaluation.apr import check_prompt_set, score_samples
+from rl4med.evaluation.apr import score_samples
 from rl4med.evaluation.samples import prompts_of, read_sample_folders
 from rl4med.io import run_step, write_table
 from rl4med.models.classifier import load_classifier
@@ -21,7 +21,6 @@ def main() -> None:
     configure_torch(smk.threads)
     device = resolve_device(smk.params.device)
     images, index = read_sample_folders(list(smk.input.samples))
-    check_prompt_set(index["prompt"].unique())
     classifiers = {
         role: load_classifier(getattr(smk.input, role), device) for role in ("reward", "judge")
     }

@@ -281,6 +281,10 @@ def test_lpips_is_zero_for_identical_images_and_uses_a_local_backbone(tmp_path):
     a, b = _images(4, 0), _images(4, 1)
     assert np.allclose(lpips_distances(model, a, a), 0, atol=1e-6)
     assert (lpips_distances(model, a, b) > 0).all()
+    rng_state = torch.get_rng_state()
+    again, _ = load_lpips("alex", None, torch.device("cpu"))  # the same random backbone
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the caller's RNG untouched
+    assert np.array_equal(lpips_distances(model, a, b), lpips_distances(again, a, b))
     torch.manual_seed(3)
     reference = torchvision.models.alexnet(weights=None)
     torch.save(reference.state_dict(), tmp_path / "alexnet.pth")
@@ -368,3 +372,11 @@ def test_table4_means_and_stds_over_seeds_beside_the_paper():
     assert t4.loc["hair", "seeds"] == 2
     train = pd.DataFrame({"hair": [1, 1], "gel_bubbles": [1, 0], "ink": [0, 0], "ruler": [1, 1]})
     assert rarest_artifact(train) == "ink"
+
+
+def test_tables_refuse_a_subset_of_prompts_naming_the_config_key():
+    from rl4med.evaluation.apr import check_prompt_set
+
+    check_prompt_set([p.slug for p in all_prompts()])
+    with pytest.raises(ValueError, match=r"missing \['mel__gel'.*evaluation.prompts"):
+        check_prompt_set([p.slug for p in all_prompts() if not p.slug.startswith("mel__gel")])

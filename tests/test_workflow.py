@@ -92,8 +92,8 @@ def test_default_config_dry_run_lists_the_jobs(tmp_path):
 
 
 def test_paper_scale_config_dry_runs_without_the_data(tmp_path):
-    proc = snakemake("-n", "--configfile", str(REPO / "config/isic2019.yaml"), cwd=tmp_path)
-    assert jobs(proc) == {"isic2019_manifest": 1, **model_jobs("config/isic2019.yaml")}
+    proc = snakemake("-n", "--configfile", str(REPO / "config/isic2019-sd15.yaml"), cwd=tmp_path)
+    assert jobs(proc) == {"isic2019_manifest": 1, **model_jobs("config/isic2019-sd15.yaml")}
 
 
 def test_lint_is_clean():
@@ -146,7 +146,11 @@ def test_micro_workflow_end_to_end(tmp_path):
     config = str(REPO / "config/micro.yaml")
     snakemake("--cores", "2", "--configfile", config, cwd=tmp_path)
     snakemake(
-        "--cores", "2", "--configfile", config, "results/metrics/stage_i_prompt_adherence.tsv",
+        "--cores",
+        "2",
+        "results/metrics/stage_i_prompt_adherence.tsv",
+        "--configfile",
+        config,
         cwd=tmp_path,
     )
     cfg = load("config/micro.yaml")["data"]["synthetic"]
@@ -266,6 +270,10 @@ def check_evaluation(tmp_path, micro):
     assert len(list((tmp_path / "results/figures/samples").glob("*.png"))) == 32
     assert (tmp_path / "results/figures/ddpo_reward.png").stat().st_size > 5000
     assert "Table 4" in (tmp_path / "results/report/summary.html").read_text()
+    sweep = pd.read_csv(tmp_path / "results/sweep/table.tsv", sep="\t")
+    assert sweep["learning_rate"].tolist() == micro["sweep"]["grid"]["learning_rate"]
+    assert sweep["best"].sum() == 1
+    assert (sweep["n"] == len(micro["sweep"]["prompts"]) * n).all()
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -81,6 +81,8 @@ def run_step(step: Callable[[], object], log_file: str | os.PathLike[str] | None
     names the file/key/row, so a stack trace would only hide it.
     """
     log = setup_logging(log_file)
+    if os.environ.get("SLURM_JOB_ID"):  # where the job ran, for the log's reader (and tests)
+        log.info("Slurm job %s on %s", os.environ["SLURM_JOB_ID"], os.uname().nodename)
     try:
         step()
     except ValueError as err:

@@ -47,6 +47,9 @@ LOG_COLUMNS = (
     "loss",
     "lr",
     "seconds",
+    "sample_seconds",
+    "reward_seconds",
+    "update_seconds",
 )
 
 
@@ -164,6 +167,7 @@ def ddpo_train(
             eta,
             gen,
         )
+        t_sample = time.perf_counter()
         scored = reward_fn(traj.images, [prompts[i] for i in prompt_index[local].tolist()])
         reward, matches = _gather_rows(accel, local, scored.reward, scored.matches)
         slugs = [prompts[i].slug for i in prompt_index.tolist()]
@@ -180,6 +184,7 @@ def ddpo_train(
             np.clip(tracker.update(slugs, reward), -adv_max, adv_max)[local.numpy()],
             dtype=torch.float32,
         )
+        t_reward = time.perf_counter()
         steps = train_steps(
             len(traj.timesteps),
             str(cfg.get("train_timesteps", "all")),
@@ -213,6 +218,7 @@ def ddpo_train(
                 accel.clip_grad_norm_(params, float(cfg.get("max_grad_norm", 1.0)))
                 opt.step()
         lr_sched.step()
+        t_update = time.perf_counter()
         iteration += 1
         per_prompt = pd.Series(reward).groupby(np.array(slugs)).mean()
         history.append(
@@ -223,6 +229,10 @@ def ddpo_train(
                 **{k: float(np.mean(v)) for k, v in stats.items()},
                 "lr": opt.param_groups[0]["lr"],
                 "seconds": round(time.perf_counter() - t0, 2),
+                # where an iteration's time goes (benchmarks/ddpo_iteration.py)
+                "sample_seconds": round(t_sample - t0, 3),
+                "reward_seconds": round(t_reward - t_sample, 3),
+                "update_seconds": round(t_update - t_reward, 3),
                 **{
                     f"match_{a}": float(m) for a, m in zip(ATTRIBUTES, matches.mean(0), strict=True)
                 },

@@ -195,6 +195,6 @@ def check_prompt_set(slugs: Sequence[str]) -> None:
     if set(slugs) != expected:
         missing, extra = expected - set(slugs), set(slugs) - expected
         raise ValueError(
-            f"sample folders do not cover the 32 prompts: missing {sorted(missing)}, "
-            f"unexpected {sorted(extra)}"
+            f"Tables 2 and 3 need all 32 prompts: missing {sorted(missing)}, unexpected "
+            f"{sorted(extra)} (config key evaluation.prompts names a subset; set it to null)"
         )

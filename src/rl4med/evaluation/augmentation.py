@@ -16,8 +16,8 @@ import pandas as pd
 
 from rl4med.attributes import ARTIFACTS, ATTRIBUTES
 from rl4med.data.manifest import read_manifest, write_manifest
+from rl4med.evaluation import SAMPLE_INDEX as INDEX
 from rl4med.evaluation import paper
-from rl4med.evaluation.samples import INDEX
 from rl4med.prompts import prompt_from_slug
 
 TRAINING_SETS = {"real": "Real", "real_sd": "Real+SD", "real_sd_rl": "Real+SD-RL"}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch_fidelity.metric_fid import (
     KEY_METRIC_FID,
@@ -22,6 +23,8 @@ from torch_fidelity.metric_fid import (
     fid_statistics_to_metric,
 )
 
+from rl4med.attributes import ATTRIBUTES
+from rl4med.data.images import load_image
 from rl4med.io import atomic_path
 from rl4med.models.classifier import AttributeClassifier
 
@@ -154,3 +157,38 @@ def fd_rows(
         for g in real
         if g in generated
     ]
+
+
+def real_statistics(
+    train: pd.DataFrame,
+    space: FeatureSpace,
+    image_size: int,
+    out: str | os.PathLike[str],
+    chunk: int = 512,
+) -> dict[str, int]:
+    """Features of the real training images (read in chunks), statistics per group, cached."""
+    features = np.concatenate(
+        [
+            space.extract(
+                np.stack([load_image(p, image_size) for p in train["path"][i : i + chunk]])
+            )
+            for i in range(0, len(train), chunk)
+        ]
+    )
+    stats, counts = group_statistics(features, train[list(ATTRIBUTES)].to_numpy())
+    save_statistics(stats, counts, space.label, out)
+    return counts
+
+
+def model_fd(
+    real: str | os.PathLike[str], space: FeatureSpace, images: np.ndarray, labels: np.ndarray
+) -> pd.DataFrame:
+    """FD/FID of one model's samples against the cached real statistics, per group."""
+    stats, counts, label = load_statistics(real)
+    if space.label != label:
+        raise ValueError(
+            f"{real}: cached statistics are {label!r}, this run uses "
+            f"{space.label!r}; delete the file to recompute it"
+        )
+    gen, gen_counts = group_statistics(space.extract(images), labels)
+    return pd.DataFrame(fd_rows(stats, counts, gen, gen_counts, label))

@@ -49,7 +49,9 @@ def load_lpips(
     """LPIPS with the paper's linear heads (shipped in the lpips wheel) and a local backbone."""
     if net not in _TORCHVISION:
         raise ValueError(f"evaluation.lpips.net: {net!r} is not one of {sorted(_TORCHVISION)}")
-    with warnings.catch_warnings():
+    # the random backbone (no weights given) is the same in every run; the caller's RNG is kept
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(0)
         # lpips builds its backbone with torchvision's deprecated `pretrained=` argument
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
         model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)

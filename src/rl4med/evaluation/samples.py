@@ -16,12 +16,13 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from rl4med.evaluation import SAMPLE_INDEX
 from rl4med.io import atomic_dir
 from rl4med.models.sd import StableDiffusion
 from rl4med.prompts import Prompt, all_slugs, prompt_from_slug
 from rl4med.sampling import sample_images
 
-INDEX = "index.csv"
+INDEX = SAMPLE_INDEX
 log = logging.getLogger(__name__)
 
 

@@ -1,0 +1,6 @@
+"""The reliability suite shares the workflow helpers of tests/."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
