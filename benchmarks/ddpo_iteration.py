@@ -21,7 +21,7 @@ from rl4med.prompts import all_prompts
 
 CFG = {
     **DEMO["ddpo"],
-    "max_iterations": 3,
+    "max_iterations": 2,
     "samples_per_prompt": 1,
     "stop_epsilon": 0.0,
     "stop_patience": 100,
@@ -48,7 +48,7 @@ def bare_update(sd, n: int, steps: int, bs: int, guidance: float) -> None:
 
 
 def measure(image_size: int = 64, samples_per_prompt: int = 1) -> dict:
-    """One DDPO run (3 iterations, the first a warm-up) and the bare costs of its parts."""
+    """One DDPO run (2 iterations, the first a warm-up) and the bare costs of its parts."""
     torch.manual_seed(0)
     sd = tiny_sd(image_size)
     clf = reward_classifier(image_size)

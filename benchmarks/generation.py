@@ -35,18 +35,19 @@ def bare_loop(sd, texts: list[str], steps: int, guidance: float, eta: float) -> 
     return sd.decode_latents(x)
 
 
-def main(batch: int = 32) -> None:
+def main(batch: int = 16) -> None:
     torch.manual_seed(0)
     sd = tiny_sd(64)
     prompts = [all_prompts()[i % 32] for i in range(batch)]
     texts = [p.text for p in prompts]
     rows = []
     for eta in (0.0, 1.0):
-        bare = timeit(lambda eta=eta: bare_loop(sd, texts, STEPS, GUIDANCE, eta))
+        bare = timeit(lambda eta=eta: bare_loop(sd, texts, STEPS, GUIDANCE, eta), repeat=2)
         ours = timeit(
             lambda eta=eta: sample_images(
                 sd, prompts, list(range(batch)), STEPS, GUIDANCE, eta, batch_size=batch
-            )
+            ),
+            repeat=2,
         )
         rows.append(
             {
@@ -57,7 +58,7 @@ def main(batch: int = 32) -> None:
                 "ratio": round(bare / ours, 3),
             }
         )
-    total = 64
+    total = 32
     base = None
     for bs in (1, 4, 16, 64):
         seconds = timeit(
