@@ -46,64 +46,42 @@ def generation_seconds(image_size: int, n: int) -> float:
     return timeit(lambda: sample_images(sd, prompts, list(range(n)), STEPS, 3.0, 1.0, 64), repeat=1)
 
 
+def series(what: str, measure, settings: list[tuple[int, int]], growth) -> list[dict]:
+    """Seconds of ``measure(px, samples)`` per setting, as ratios to the first setting."""
+    rows, base = [], None
+    for px, samples in settings:
+        s = measure(px, samples)
+        base = base or s
+        rows.append(
+            {
+                "what": what,
+                "px": px,
+                "samples": samples,
+                "seconds": round(s, 2),
+                "ratio": round(s / base, 2),
+                "linear_would_be": growth(px, samples),
+            }
+        )
+    return rows
+
+
 def main() -> None:
-    rows = []
-    base = None
-    for n in (1, 2, 4):
-        s = ddpo_seconds(32, n)
-        base = base or s
-        rows.append(
-            {
-                "what": "DDPO iteration",
-                "px": 32,
-                "samples": 32 * n,
-                "seconds": round(s, 2),
-                "ratio": round(s / base, 2),
-                "linear_would_be": n,
-            }
-        )
-    base = None
-    for px in (32, 64, 128):
-        s = ddpo_seconds(px, 1)
-        base = base or s
-        rows.append(
-            {
-                "what": "DDPO iteration",
-                "px": px,
-                "samples": 32,
-                "seconds": round(s, 2),
-                "ratio": round(s / base, 2),
-                "linear_would_be": (px // 32) ** 2,
-            }
-        )
-    base = None
-    for px in (32, 64, 128):
-        s = generation_seconds(px, 64)
-        base = base or s
-        rows.append(
-            {
-                "what": "generation",
-                "px": px,
-                "samples": 64,
-                "seconds": round(s, 2),
-                "ratio": round(s / base, 2),
-                "linear_would_be": (px // 32) ** 2,
-            }
-        )
-    base = None
-    for n in (32, 64, 128):
-        s = generation_seconds(64, n)
-        base = base or s
-        rows.append(
-            {
-                "what": "generation",
-                "px": 64,
-                "samples": n,
-                "seconds": round(s, 2),
-                "ratio": round(s / base, 2),
-                "linear_would_be": n // 32,
-            }
-        )
+    def ddpo(px: int, samples: int) -> float:
+        return ddpo_seconds(px, samples // 32)
+
+    rows = series("DDPO iteration", ddpo, [(32, 32), (32, 64), (32, 128)], lambda px, n: n // 32)
+    rows += series(
+        "DDPO iteration", ddpo, [(32, 32), (64, 32), (128, 32)], lambda px, n: (px // 32) ** 2
+    )
+    rows += series(
+        "generation",
+        generation_seconds,
+        [(32, 64), (64, 64), (128, 64)],
+        lambda px, n: (px // 32) ** 2,
+    )
+    rows += series(
+        "generation", generation_seconds, [(64, 32), (64, 64), (64, 128)], lambda px, n: n // 32
+    )
     record(
         "scale",
         f"Scale: DDPO iteration and generation ({STEPS} DDIM steps) vs samples and image size",
