@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE := 1
 help:
 	@echo "make demo    install into $(VENV) and run the embedded demo to results/report.html"
 	@echo "make test    install into $(VENV) and run every test (includes a micro end-to-end run)"
-	@echo "make sweep   the demo plus a 2-setting DDPO sweep (config/sweep.yaml), about 10 minutes more"
+	@echo "make sweep   the demo plus a 2-setting DDPO sweep (config/sweep.yaml), about 15 minutes more"
 	@echo "make bench   CPU benchmarks (ratios against bare baselines) -> benchmarks/results.md"
 	@echo "make dryrun  dry-run the demo and the paper-scale (ISIC2019) configs"
 	@echo "make lint    ruff and snakemake --lint"
