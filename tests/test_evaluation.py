@@ -12,6 +12,7 @@ from PIL import Image
 from tiny_models import tiny_sd_config
 
 from rl4med.attributes import ATTRIBUTES
+from rl4med.checkpoint import read_state_dict
 from rl4med.data.manifest import read_manifest, write_manifest
 from rl4med.evaluation import paper
 from rl4med.evaluation.apr import (
@@ -38,7 +39,6 @@ from rl4med.evaluation.perceptual import (
     lpips_distances,
     lpips_table,
     pair_with_real,
-    read_state_dict,
 )
 from rl4med.evaluation.samples import generate_samples, read_samples, sample_seeds
 from rl4med.models.classifier import AttributeClassifier, ClassifierSpec, create_backbone

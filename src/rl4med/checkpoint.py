@@ -102,3 +102,16 @@ def weights_signature(module: torch.nn.Module) -> list[float]:
     """A cheap signature of a model's weights: one sum per parameter tensor."""
     with torch.no_grad():
         return [round(float(p.double().sum()), 6) for p in module.parameters()]
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """safetensors, or a torch file read with ``weights_only=True`` (pickled code is refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unpickling raises many types
+        raise ValueError(f"{path}: not a plain tensor state dict, refused ({err})") from None

@@ -57,10 +57,8 @@ def paired_bootstrap(
 ) -> tuple[float, float, float]:
     """Mean of (after - before) and its 95% percentile interval over resampled pairs."""
     diff = np.asarray(after, float) - np.asarray(before, float)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), (n_boot, len(diff)))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(diff.mean()), float(lo), float(hi)
+    lo, hi = bootstrap_ci(diff, n_boot, seed)
+    return float(diff.mean()), lo, hi
 
 
 def apr_by_prompt(scores: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -178,15 +176,17 @@ def table3(
         overall = fd[model][fd[model]["group"] == "all"].iloc[0]
         row[str(overall["metric"])] = float(overall["value"])
         lp = lpips[model]
-        lp = lp[lp["n_pairs"] > 0]
-        weights = lp["n_pairs"].to_numpy()
-        row[str(lp["metric"].iloc[0]) if len(lp) else "LPIPS"] = (
-            float(np.average(lp["lpips"], weights=weights)) if len(lp) else float("nan")
-        )
+        row[str(lp["metric"].iloc[0]) if len(lp) else "LPIPS"] = lpips_mean(lp)
         p_apr, p_fid, p_lpips = paper.TABLE3[label]
         row.update({"paper_APR": p_apr, "paper_FID": p_fid, "paper_LPIPS": p_lpips})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def lpips_mean(table: pd.DataFrame) -> float:
+    """Mean LPIPS over prompts, weighted by their pairs (prompts without real images left out)."""
+    ok = table[table["n_pairs"] > 0]
+    return float(np.average(ok["lpips"], weights=ok["n_pairs"])) if len(ok) else float("nan")
 
 
 def check_prompt_set(slugs: Sequence[str]) -> None:

@@ -24,6 +24,7 @@ from torch_fidelity.metric_fid import (
 )
 
 from rl4med.attributes import ATTRIBUTES
+from rl4med.checkpoint import read_state_dict
 from rl4med.data.images import load_image
 from rl4med.io import atomic_path
 from rl4med.models.classifier import AttributeClassifier
@@ -55,10 +56,7 @@ def inception_space(
         )
     # torch-fidelity reads the file with weights_only=False; read it safely first so a
     # pickle with code in it is refused before it gets there.
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unpickling raises many types
-        raise ValueError(f"{path}: not a plain tensor state dict, refused ({err})") from None
+    read_state_dict(path)
     model = FeatureExtractorInceptionV3(
         "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
     ).to(device)

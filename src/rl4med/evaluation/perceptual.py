@@ -9,38 +9,23 @@ every output says so.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import lpips
 import numpy as np
 import pandas as pd
 import torch
 import torchvision
-from safetensors.torch import load_file
 
 from rl4med.attributes import ATTRIBUTES
+from rl4med.checkpoint import read_state_dict
 from rl4med.data.images import load_image, to_tensor
 from rl4med.prompts import all_slugs, prompt_from_slug
 
 LPIPS_LABEL = "LPIPS ({net})"
 LPIPS_RANDOM_LABEL = "LPIPS (random {net} backbone), not comparable to published LPIPS"
 _TORCHVISION = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
-
-
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """safetensors, or a torch file read with ``weights_only=True`` (pickled code is refused)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: weights file not found")
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unpickling raises many types
-        raise ValueError(f"{path}: not a plain tensor state dict, refused ({err})") from None
 
 
 def load_lpips(

@@ -11,18 +11,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from rl4med.evaluation.apr import paired_change  # noqa: E402
+from rl4med.evaluation.apr import lpips_mean, paired_change  # noqa: E402
 from rl4med.io import atomic_path  # noqa: E402
 
 MAX_FD_INCREASE = 0.10  # a setting whose FD grows more than this is not "best"
-
-
-def _lpips_mean(table: pd.DataFrame) -> float:
-    ok = table[table["n_pairs"] > 0]
-    return float(np.average(ok["lpips"], weights=ok["n_pairs"])) if len(ok) else float("nan")
 
 
 def sweep_table(
@@ -33,7 +27,7 @@ def sweep_table(
 ) -> pd.DataFrame:
     """``baseline`` and each setting's frames: scores, fd, lpips, iterations (not baseline)."""
     fd0 = float(baseline["fd"].set_index("group").loc["all", "value"])
-    lp0 = _lpips_mean(baseline["lpips"])
+    lp0 = lpips_mean(baseline["lpips"])
     rows = []
     for name, (overrides, frames) in settings.items():
         change = paired_change(baseline["scores"], frames["scores"], n_boot, seed)
@@ -52,7 +46,7 @@ def sweep_table(
         row["fd_metric"] = str(frames["fd"]["metric"].iloc[0])
         row["FD_SD"], row["FD"] = fd0, fd
         row["FD_change"] = (fd - fd0) / fd0
-        row["LPIPS_SD"], row["LPIPS"] = lp0, _lpips_mean(frames["lpips"])
+        row["LPIPS_SD"], row["LPIPS"] = lp0, lpips_mean(frames["lpips"])
         row["iterations"] = int(it["iteration"].iloc[-1]) if len(it) else 0
         row["stop_reason"] = str(it["stop_reason"].iloc[-1]) if len(it) else ""
         row["n"] = int(apr.loc["judge", "n"])
