@@ -2,12 +2,15 @@
 #   data -> stage i (fine-tune SD) -> attribute classifier -> stage ii (DDPO) -> evaluation
 # Each stage lives in rules/<stage>.smk; the science lives in the rl4med package.
 
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# the demo config beside this file is the base; --configfile overlays it (also with --directory)
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 report: "report/workflow.rst"

@@ -17,4 +17,4 @@ def main() -> None:
     )
 
 
-run_step(main, smk.log[0])
+run_step(main, smk.log[0], rule=smk.rule)

@@ -22,4 +22,4 @@ def main() -> None:
     write_table(autoencoder_check(sd, clf, smk.input.manifest), smk.output.table)
 
 
-run_step(main, smk.log[0])
+run_step(main, smk.log[0], rule=smk.rule)

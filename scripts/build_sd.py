@@ -23,4 +23,4 @@ def main() -> None:
     sd.save_pretrained(smk.output.model)
 
 
-run_step(main, smk.log[0])
+run_step(main, smk.log[0], rule=smk.rule)

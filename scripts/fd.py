@@ -33,4 +33,4 @@ def main() -> None:
     logging.getLogger("rl4med").info("%s", table.to_string(index=False))
 
 
-run_step(main, smk.log[0])
+run_step(main, smk.log[0], rule=smk.rule)

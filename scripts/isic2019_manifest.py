@@ -10,4 +10,8 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 from rl4med.data.isic import build_isic_manifest
 from rl4med.io import run_step
 
-run_step(lambda: build_isic_manifest(smk.params.cfg, smk.output.manifest), smk.log[0])
+run_step(
+    lambda: build_isic_manifest(smk.params.cfg, smk.output.manifest),
+    smk.log[0],
+    rule=smk.rule,
+)

@@ -39,4 +39,4 @@ def main() -> None:
     logging.getLogger("rl4med").info("%s\n%s", label, table.to_string(index=False))
 
 
-run_step(main, smk.log[0])
+run_step(main, smk.log[0], rule=smk.rule)

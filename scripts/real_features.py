@@ -28,4 +28,4 @@ def main() -> None:
     logging.getLogger("rl4med").info("%s statistics of real images: %s", space.label, counts)
 
 
-run_step(main, smk.log[0])
+run_step(main, smk.log[0], rule=smk.rule)

@@ -21,4 +21,4 @@ def main() -> None:
     )
 
 
-run_step(main, smk.log[0])
+run_step(main, smk.log[0], rule=smk.rule)

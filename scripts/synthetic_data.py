@@ -11,5 +11,7 @@ from rl4med.data.synthetic import generate_dataset
 from rl4med.io import run_step
 
 run_step(
-    lambda: generate_dataset(smk.params.cfg, smk.output.images, smk.output.manifest), smk.log[0]
+    lambda: generate_dataset(smk.params.cfg, smk.output.images, smk.output.manifest),
+    smk.log[0],
+    rule=smk.rule,
 )

@@ -202,6 +202,7 @@ def test_micro_workflow_end_to_end(tmp_path):
         iterations.columns
     )
     check_evaluation(tmp_path, micro)
+    check_showcase_document(tmp_path)
     assert (tmp_path / "results/models/sd_rl/unet/diffusion_pytorch_model.safetensors").is_file()
     assert (
         "generated 240 images of 32 px" in (tmp_path / "logs/data/synthetic_data.log").read_text()
@@ -274,6 +275,30 @@ def check_evaluation(tmp_path, micro):
     assert sweep["learning_rate"].tolist() == micro["sweep"]["grid"]["learning_rate"]
     assert sweep["best"].sum() == 1
     assert (sweep["n"] == len(micro["sweep"]["prompts"]) * n).all()
+
+
+def check_showcase_document(tmp_path):
+    """The showcase's document, written from this (micro) run: its numbers are the run's."""
+    from rl4med.showcase import main
+
+    out = tmp_path / "doc"
+    tuning = REPO / "docs/results/cpu-showcase-tuning.tsv"
+    args = ["--run-dir", str(tmp_path), "--out-dir", str(out), "--wall-seconds", "754"]
+    assert main([*args, "--tuning", str(tuning), "--config", "config/micro.yaml"]) == 0
+    doc = (out / "cpu-showcase.md").read_text()
+    change = pd.read_csv(tmp_path / "results/evaluation/apr_change.tsv", sep="\t")
+    judge = change[(change["classifier"] == "judge") & (change["metric"] == "APR")].iloc[0]
+    assert f"paired change {100 * judge['change']:+.1f} points" in doc
+    assert f"[{100 * judge['ci_low']:+.1f}, {100 * judge['ci_high']:+.1f}]" in doc
+    assert "make showcase` (workflow and report): 12.6 min" in doc
+    # every job's time is in its log: one generate job per sample folder, one DDPO
+    n_generate = len(list((tmp_path / "results/samples").glob("*/*/index.csv")))
+    assert re.search(rf"\| generate \| {n_generate} \| [0-9.]+ \| [0-9.]+ \|", doc)
+    assert re.search(r"\| ddpo \| 1 \|", doc)
+    assert "stopped: max_iterations (2) reached" in doc and "After stage i, before DDPO" in doc
+    assert len(pd.read_csv(tuning, sep="\t")) >= 10 and "reward hacking caught" in doc
+    for image in ("cpu-showcase-before-after.png", "cpu-showcase-reward.png"):
+        assert f"]({image})" in doc and (out / image).stat().st_size > 2000
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

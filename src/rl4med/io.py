@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -74,7 +75,23 @@ def setup_logging(log_file: str | os.PathLike[str] | None = None) -> logging.Log
     return logging.getLogger("rl4med")
 
 
-def run_step(step: Callable[[], object], log_file: str | os.PathLike[str] | None) -> None:
+STEP_DONE = "step finished in"
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux), so a job's time includes its imports."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def run_step(
+    step: Callable[[], object], log_file: str | os.PathLike[str] | None, rule: str = ""
+) -> None:
     """Run a workflow step: log to its log file; bad input ends it with the message, no traceback.
 
     ``ValueError`` (and its subclass ``DataError``) means the user's input is wrong: the message
@@ -83,6 +100,7 @@ def run_step(step: Callable[[], object], log_file: str | os.PathLike[str] | None
     log = setup_logging(log_file)
     if os.environ.get("SLURM_JOB_ID"):  # where the job ran, for the log's reader (and tests)
         log.info("Slurm job %s on %s", os.environ["SLURM_JOB_ID"], os.uname().nodename)
+    start = time.perf_counter()
     try:
         step()
     except ValueError as err:
@@ -90,3 +108,7 @@ def run_step(step: Callable[[], object], log_file: str | os.PathLike[str] | None
         where = f" (see {log_file})" if log_file else ""
         print(f"rl4med: error{where}: {err}", file=sys.__stderr__)
         raise SystemExit(1) from None
+    # read back by rl4med.showcase for the wall time per rule (imports included where known)
+    age = process_age()
+    seconds = age if age is not None else time.perf_counter() - start
+    log.info("%s %.1f s (rule %s)", STEP_DONE, seconds, rule or "-")

@@ -1,0 +1,383 @@
+"""The CPU showcase's results document, written from a finished run's own files.
+
+`make showcase` runs the workflow with config/cpu-showcase.yaml in its own folder, then calls
+``python -m rl4med.showcase`` which reads that folder (tables, DDPO iterations, figures, logs) and
+writes docs/results/cpu-showcase.md with its images. Nothing in the document is typed by hand: a
+number in it is a number the run wrote (the tuning log is the record of earlier runs, kept as
+a TSV beside the document).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import re
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from rl4med.attributes import ARTIFACTS, DISPLAY_NAMES
+from rl4med.evaluation.apr import bootstrap_ci
+from rl4med.evaluation.augmentation import rarest_artifact
+from rl4med.evaluation.report import stop_info
+from rl4med.io import STEP_DONE, atomic_path
+from rl4med.prompts import all_prompts, prompt_from_slug
+
+PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "timm", "torch-fidelity", "lpips")
+PACKAGES += ("snakemake", "numpy")
+GRID_PROMPTS = ("mel__gel", "nv__ink", "mel__hair-ruler", "nv__gel-ink")
+"""Prompts of the before/after figure: the rare artifacts, alone and together."""
+
+_DONE_RE = re.compile(re.escape(STEP_DONE) + r" ([0-9.]+) s \(rule ([\w-]+)\)")
+
+
+def machine() -> dict[str, str]:
+    """The CPU, cores, memory and software the numbers were measured on."""
+    info = {"platform": platform.platform(), "python": platform.python_version()}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        models = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text())
+        info["cpu"] = models[0].strip() if models else platform.processor()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info["cores available"] = str(cores)
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        kb = int(re.search(r"MemTotal:\s*(\d+)", meminfo.read_text()).group(1))
+        info["memory"] = f"{kb / 2**20:.1f} GiB"
+    try:
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        info["gpu"] = "unknown"
+    for name in PACKAGES:
+        try:
+            info[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            info[name] = "not installed"
+    return info
+
+
+def rule_times(log_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """Seconds per rule (jobs, total, longest) from the "step finished" line of every job log."""
+    rows = []
+    for log in sorted(Path(log_dir).rglob("*.log")):
+        for match in _DONE_RE.finditer(log.read_text(errors="replace")):
+            rows.append({"rule": match.group(2), "seconds": float(match.group(1))})
+    if not rows:
+        raise ValueError(f"{log_dir}: no job log has a '{STEP_DONE}' line; did the run finish?")
+    df = pd.DataFrame(rows)
+    out = df.groupby("rule")["seconds"].agg(jobs="count", job_seconds="sum", longest="max")
+    return out.sort_values("job_seconds", ascending=False).reset_index()
+
+
+def artifact_rates(scores: pd.DataFrame, classifier: str = "judge") -> pd.DataFrame:
+    """Per artifact: how often it is drawn when prompted and left out when not (one model).
+
+    The overall match rate mixes both; DDPO should raise the first (prompt following) and the
+    second (removing spurious correlations), so the document shows them apart.
+    """
+    part = scores[scores["classifier"] == classifier]
+    prompted = {slug: set(prompt_from_slug(slug).artifacts) for slug in part["prompt"].unique()}
+    rows = []
+    for artifact in ARTIFACTS:
+        asked = part["prompt"].map(lambda s, a=artifact: a in prompted[s]).to_numpy()
+        match = part[f"match_{artifact}"].to_numpy()
+        rows.append(
+            {
+                "artifact": artifact,
+                "drawn_when_prompted": match[asked].mean() if asked.any() else np.nan,
+                "left_out_when_not": match[~asked].mean() if (~asked).any() else np.nan,
+                "n_prompted": int(asked.sum()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def model_apr(scores: pd.DataFrame, classifier: str, n_boot: int) -> tuple[float, float, float]:
+    """Mean APR over all samples (= over the prompts, equal samples each) with a 95% interval."""
+    exact = scores.loc[scores["classifier"] == classifier, "exact"].to_numpy(dtype=float)
+    lo, hi = bootstrap_ci(exact, n_boot)
+    return float(exact.mean()), lo, hi
+
+
+def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub markdown table; floats rounded to ``digits``."""
+
+    def cell(v: object) -> str:
+        if isinstance(v, float | np.floating):
+            return "" if np.isnan(v) else f"{v:.{digits}f}"
+        return str(v).replace("|", "\\|")
+
+    head = "| " + " | ".join(cell(c) for c in df.columns) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+def stack_images(paths: Sequence[Path], out: Path) -> None:
+    """One image of several per-prompt grids, top to bottom (white gaps)."""
+    images = [Image.open(p).convert("RGB") for p in paths]
+    width = max(im.width for im in images)
+    gap = 8
+    canvas = Image.new("RGB", (width, sum(im.height for im in images) + gap * len(images)), "white")
+    y = 0
+    for im in images:
+        canvas.paste(im, (0, y))
+        y += im.height + gap
+    with atomic_path(out) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _ci(lo: float, hi: float) -> str:
+    """A 95% interval of a change, in points."""
+    return f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def _level(lo: float, hi: float) -> str:
+    """A 95% interval of a rate, in percent."""
+    return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _read(run: Path, rel: str) -> pd.DataFrame:
+    path = run / rel
+    if not path.exists():
+        raise ValueError(f"{path}: missing; the showcase run did not finish (re-run make showcase)")
+    return pd.read_csv(path, sep="\t")
+
+
+def write_document(
+    run_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    wall_seconds: float,
+    tuning: str | os.PathLike[str] | None,
+    config_file: str,
+    n_boot: int = 2000,
+    name: str = "cpu-showcase",
+) -> Path:
+    """Write ``<out_dir>/<name>.md`` and its figures from the run folder ``run_dir``."""
+    run, out = Path(run_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ev = "results/evaluation"
+    sd, rl = _read(run, f"{ev}/scores_sd.tsv"), _read(run, f"{ev}/scores_sd_rl.tsv")
+    change = _read(run, f"{ev}/apr_change.tsv")
+    table2, table3 = _read(run, f"{ev}/table2.tsv"), _read(run, f"{ev}/table3.tsv")
+    table4 = _read(run, f"{ev}/table4.tsv")
+    iterations = _read(run, "results/ddpo/iterations.tsv")
+    config = _read(run, "results/report/config.tsv")
+    times = rule_times(run / "logs")
+
+    judge = change[change["classifier"] == "judge"].set_index("metric")
+    reward = change[change["classifier"] == "reward"].set_index("metric")
+    apr = {
+        (model, clf): model_apr(scores, clf, n_boot)
+        for model, scores in (("SD", sd), ("SD+RL", rl))
+        for clf in ("judge", "reward")
+    }
+    fd_col = next(c for c in table3.columns if c.startswith("FD") or c.startswith("FID"))
+    lpips_col = next(c for c in table3.columns if c.startswith("LPIPS"))
+    fd = table3.set_index("model")[fd_col]
+    fd_change = fd["SD+RL"] / fd["SD"] - 1
+    lpips = table3.set_index("model")[lpips_col]
+    last_iter, stop_reason = stop_info(iterations)
+    settings = dict(zip(config["key"], config["value"], strict=True))
+    per_iteration = int(settings["ddpo.samples_per_prompt"]) * len(all_prompts())
+    n_samples = last_iter * per_iteration
+    prompts = sd["prompt"].nunique()
+    per_prompt = len(sd[sd["classifier"] == "judge"]) // max(prompts, 1)
+
+    # figures: the reward curve as the run drew it, and a before/after grid of the rare artifacts
+    shutil.copyfile(run / "results/figures/ddpo_reward.png", out / f"{name}-reward.png")
+    grids = [run / f"results/figures/samples/{slug}.png" for slug in GRID_PROMPTS]
+    stack_images([g for g in grids if g.exists()], out / f"{name}-before-after.png")
+
+    rates = artifact_rates(sd).merge(
+        artifact_rates(rl), on=["artifact", "n_prompted"], suffixes=(" SD", " SD+RL")
+    )
+    rates.insert(0, "attribute", rates.pop("artifact").map(DISPLAY_NAMES))
+    rates = rates[
+        ["attribute", "n_prompted"]
+        + [
+            f"{what} {model}"
+            for what in ("drawn_when_prompted", "left_out_when_not")
+            for model in ("SD", "SD+RL")
+        ]
+    ]
+    matches = pd.DataFrame(
+        [
+            {
+                "attribute": DISPLAY_NAMES[m.removeprefix("match_")],
+                "match SD": judge.loc[m, "SD"],
+                "match SD+RL": judge.loc[m, "SD+RL"],
+                "change": judge.loc[m, "change"],
+                "95% CI": _ci(judge.loc[m, "ci_low"], judge.loc[m, "ci_high"]),
+            }
+            for m in judge.index
+            if m.startswith("match_")
+        ]
+    )
+    manifest = pd.read_csv(run / "results/data/manifest.csv")
+    rarest = rarest_artifact(manifest[manifest["split"] == "train"])
+    t4 = table4.set_index("attribute")
+
+    lines = [
+        "# CPU showcase: RL4Med-DDPO on 2 CPU cores",
+        "",
+        f"Written by `python -m rl4med.showcase` from the outputs of `make showcase` "
+        f"({config_file} over config.yaml) on {dt.date.today().isoformat()}. "
+        "Do not edit by hand: re-run `make showcase`.",
+        "",
+        "## Headline",
+        "",
+        f"- Judge-confirmed APR over the {prompts} prompts ({per_prompt} paired samples each, same "
+        f"noise): SD {_pct(apr['SD', 'judge'][0])}% {_level(*apr['SD', 'judge'][1:])} -> "
+        f"SD+RL {_pct(apr['SD+RL', 'judge'][0])}% {_level(*apr['SD+RL', 'judge'][1:])}; "
+        "paired change "
+        f"{100 * judge.loc['APR', 'change']:+.1f} points "
+        f"{_ci(judge.loc['APR', 'ci_low'], judge.loc['APR', 'ci_high'])} (95% paired bootstrap).",
+        f"- Reward classifier's APR: {_pct(apr['SD', 'reward'][0])}% -> "
+        f"{_pct(apr['SD+RL', 'reward'][0])}% ({100 * reward.loc['APR', 'change']:+.1f} points); "
+        f"reward minus judge gain: "
+        f"{100 * (reward.loc['APR', 'change'] - judge.loc['APR', 'change']):+.1f} points "
+        "(a large positive gap would be reward hacking).",
+        f"- {fd_col}: {fd['SD']:.1f} -> {fd['SD+RL']:.1f} ({100 * fd_change:+.1f}%); "
+        f"{lpips_col}: {lpips['SD']:.3f} -> {lpips['SD+RL']:.3f}.",
+        f"- DDPO: {last_iter} iterations"
+        + f" x {per_iteration} trajectories = {n_samples}"
+        + f"; stopped: {stop_reason}.",
+        f"- Augmentation, rarest artifact ({DISPLAY_NAMES[rarest]}), F1 on the real test split: "
+        f"Real {t4.loc[rarest, 'F1_Real']:.3f}, Real+SD {t4.loc[rarest, 'F1_Real+SD']:.3f}, "
+        f"Real+SD-RL {t4.loc[rarest, 'F1_Real+SD-RL']:.3f}.",
+        f"- Wall time of `make showcase` (workflow and report): {wall_seconds / 60:.1f} min.",
+        "",
+        "## Per attribute (judge classifier)",
+        "",
+        "Match rate over all samples (SD -> SD+RL, paired 95% interval):",
+        "",
+        markdown_table(matches),
+        "",
+        "Artifacts drawn when the prompt asks for them, and left out when it does not:",
+        "",
+        markdown_table(rates),
+        "",
+        *_stage_i(run),
+        "## Table 3: this run beside the paper",
+        "",
+        markdown_table(table3, 3),
+        "",
+        "## Table 2: APR (%) of single-artifact prompts, this run beside the paper",
+        "",
+        markdown_table(table2, 1),
+        "",
+        "## Table 4: classifier trained on Real, Real+SD, Real+SD-RL (real test split)",
+        "",
+        markdown_table(table4, 3),
+        "",
+        "## Figures",
+        "",
+        f"Before (SD) and after (SD+RL) on the same noise, prompts {', '.join(GRID_PROMPTS)} "
+        "(each block: SD row above SD+RL row):",
+        "",
+        f"![before/after]({name}-before-after.png)",
+        "",
+        "Mean reward r_A per DDPO iteration:",
+        "",
+        f"![reward curve]({name}-reward.png)",
+        "",
+        "## Wall time per rule",
+        "",
+        "Job seconds (process start to end, imports included); two jobs run at a time.",
+        "",
+        markdown_table(times, 1),
+        "",
+        "## Machine",
+        "",
+        markdown_table(pd.DataFrame(list(machine().items()), columns=["what", "value"])),
+        "",
+    ]
+    if tuning is not None and Path(tuning).exists():
+        log = pd.read_csv(tuning, sep="\t")
+        lines += [
+            "## Tuning log",
+            "",
+            f"Every setting tried on the way to this configuration ({Path(tuning).name}), "
+            "failures included:",
+            "",
+            markdown_table(log, 3),
+            "",
+        ]
+    lines += [
+        "## Configuration of this run",
+        "",
+        "<details><summary>all keys</summary>",
+        "",
+        markdown_table(config),
+        "",
+        "</details>",
+        "",
+    ]
+    doc = out / f"{name}.md"
+    with atomic_path(doc) as tmp:
+        Path(tmp).write_text("\n".join(lines))
+    return doc
+
+
+def _stage_i(run: Path) -> list[str]:
+    """Stage i's single-artifact prompt following (judge), when the run measured it."""
+    path = run / "results/metrics/stage_i_prompt_adherence.tsv"
+    if not path.exists():
+        return []
+    df = pd.read_csv(path, sep="\t")
+    df = df[df["classifier"] == "judge"].drop(columns="classifier")
+    return [
+        "## After stage i, before DDPO (judge, single-artifact prompts)",
+        "",
+        "What DDPO starts from: how often each prompted artifact is drawn (prompted_rate) and",
+        "how often other artifacts appear unprompted (unprompted_rate).",
+        "",
+        markdown_table(df),
+        "",
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rl4med.showcase", description="Write the showcase document from a run."
+    )
+    parser.add_argument("--run-dir", required=True, help="the workflow folder of the run")
+    parser.add_argument("--out-dir", default="docs/results")
+    parser.add_argument("--wall-seconds", type=float, required=True)
+    parser.add_argument("--tuning", default=None, help="TSV of the settings tried")
+    parser.add_argument("--config", default="config/cpu-showcase.yaml")
+    parser.add_argument("--name", default="cpu-showcase")
+    args = parser.parse_args(argv)
+    try:
+        doc = write_document(
+            args.run_dir,
+            args.out_dir,
+            args.wall_seconds,
+            args.tuning,
+            args.config,
+            name=args.name,
+        )
+    except ValueError as err:
+        print(f"rl4med.showcase: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
