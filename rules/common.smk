@@ -71,8 +71,8 @@ SD_IMAGE_SIZE = (
     config["sd"]["tiny"]["image_size"] if SD_KIND == "tiny" else config["sd"].get("image_size", 512)
 )
 # augmentation experiment (Table 4): training sets and the model whose samples they add
-AUG_MODEL = {"real_sd": "sd", "real_sd_rl": "sd_rl"}
-AUG_SETS = ["real", *AUG_MODEL]
+AUG_MODEL = {"real": None, "real_sd": "sd", "real_sd_rl": "sd_rl"}
+AUG_SETS = list(AUG_MODEL)
 AUG_RUNS = [(a, int(s)) for a in AUG_SETS for s in config["augmentation"]["seeds"]]
 
 

@@ -193,15 +193,17 @@ rule evaluation_tables:
 rule augmentation_manifest:
     input:
         manifest=MANIFEST,
-        samples=lambda wc: sample_dirs(wc, model=AUG_MODEL[wc.aug]),
+        samples=lambda wc: sample_dirs(wc, model=AUG_MODEL[wc.aug]) if AUG_MODEL[wc.aug] else [],
     output:
         manifest="results/augmentation/{aug}/manifest.csv",
     log:
         "logs/augmentation/manifest_{aug}.log",
     params:
         model=lambda wc: AUG_MODEL[wc.aug],
+        # the same real training subset in all three sets (null: every real image)
+        real_train_images=config["augmentation"].get("real_train_images"),
     wildcard_constraints:
-        aug="real_sd|real_sd_rl",
+        aug="|".join(AUG_SETS),
     threads: 1
     resources:
         mem_mb=resource("augmentation_manifest", "mem_mb"),
@@ -216,9 +218,7 @@ rule augmentation_manifest:
 
 rule train_augmented:
     input:
-        manifest=lambda wc: MANIFEST
-        if wc.aug == "real"
-        else f"results/augmentation/{wc.aug}/manifest.csv",
+        manifest="results/augmentation/{aug}/manifest.csv",
     output:
         model=temp(directory("results/augmentation/{aug}/seed{seed}/classifier")),
         metrics="results/augmentation/{aug}/seed{seed}/test.tsv",

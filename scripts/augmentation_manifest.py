@@ -13,7 +13,11 @@ from rl4med.io import run_step
 
 def main() -> None:
     augmented_manifest(
-        smk.input.manifest, list(smk.input.samples), smk.params.model, smk.output.manifest
+        smk.input.manifest,
+        list(smk.input.samples),
+        smk.params.model,
+        smk.output.manifest,
+        smk.params.real_train_images,
     )
 
 

@@ -22,7 +22,12 @@ from rl4med.evaluation.apr import (
     table2,
     table3,
 )
-from rl4med.evaluation.augmentation import augmented_manifest, rarest_artifact, table4
+from rl4med.evaluation.augmentation import (
+    augmented_manifest,
+    rarest_artifact,
+    real_subset,
+    table4,
+)
 from rl4med.evaluation.frechet import (
     FD_JUDGE_LABEL,
     FID_LABEL,
@@ -349,6 +354,23 @@ def test_augmentation_labels_come_from_the_prompts(tmp_path):
     assert (gel_ink[list(ATTRIBUTES)].to_numpy() == [1, 0, 0, 1, 1, 0]).all()
     assert len(df[~df.index.isin(synthetic.index)]) == 5  # real rows unchanged
     assert df["path"].map(os.path.isfile).all()
+
+
+def test_real_subset_cuts_only_the_training_split_the_same_way_for_every_set(tmp_path):
+    manifest = _real_manifest(tmp_path)
+    real = read_manifest(manifest)
+    n_train = int((real["split"] == "train").sum())
+    assert n_train >= 2
+    cut = real_subset(real, n_train - 1)
+    assert int((cut["split"] == "train").sum()) == n_train - 1
+    assert (cut["split"] != "train").sum() == (real["split"] != "train").sum()
+    assert cut.equals(real_subset(real, n_train - 1))  # seeded: Real and Real+RL share it
+    assert real_subset(real, None).equals(real) and real_subset(real, 10**6).equals(real)
+    with pytest.raises(ValueError, match="augmentation.real_train_images: 0; expected at least 1"):
+        real_subset(real, 0)
+    out = tmp_path / "real" / "manifest.csv"
+    df = augmented_manifest(manifest, [], None, out, real_train_images=n_train - 1)
+    assert len(df) == len(real) - 1 and df["image_id"].isin(real["image_id"]).all()
 
 
 def test_table4_means_and_stds_over_seeds_beside_the_paper():

@@ -71,7 +71,7 @@ MODEL_JOBS = {
     "fd": 2,
     "lpips": 2,
     "evaluation_tables": 1,
-    "augmentation_manifest": 2,
+    "augmentation_manifest": 3,
     "table4": 1,
     "sample_grids": 1,
     "ddpo_curves": 1,
@@ -94,6 +94,30 @@ def test_default_config_dry_run_lists_the_jobs(tmp_path):
 def test_paper_scale_config_dry_runs_without_the_data(tmp_path):
     proc = snakemake("-n", "--configfile", str(REPO / "config/isic2019-sd15.yaml"), cwd=tmp_path)
     assert jobs(proc) == {"isic2019_manifest": 1, **model_jobs("config/isic2019-sd15.yaml")}
+
+
+def test_showcase_config_dry_runs_in_its_own_folder(tmp_path):
+    """make showcase's command: the demo config overlaid, run in a folder of its own."""
+    proc = snakemake(
+        "-n",
+        "all",
+        "results/metrics/stage_i_prompt_adherence.tsv",
+        "--directory",
+        str(tmp_path / "showcase"),
+        "--configfile",
+        str(REPO / "config/cpu-showcase.yaml"),
+        cwd=tmp_path,
+    )
+    counts = jobs(proc)
+    showcase = load("config/cpu-showcase.yaml")
+    assert counts == {
+        **model_jobs("config/cpu-showcase.yaml"),
+        "synthetic_data": 1,
+        "build_sd": 1,
+        "stage_i_check": 1,
+    }
+    assert counts["train_augmented"] == 3 * len(showcase["augmentation"]["seeds"]) == 9
+    assert "finetune_sd" in proc.stdout and not (tmp_path / "results").exists()
 
 
 def test_lint_is_clean():

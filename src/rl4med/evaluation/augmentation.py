@@ -43,15 +43,35 @@ def synthetic_rows(folders: Sequence[str | os.PathLike[str]], model: str) -> pd.
     return pd.DataFrame(rows)
 
 
+def real_subset(real: pd.DataFrame, n_train: int | None, seed: int = 0) -> pd.DataFrame:
+    """The real manifest with its training split cut to ``n_train`` images (val/test whole).
+
+    Table 4 asks whether synthetic images help a classifier; with thousands of clean synthetic
+    training images the real-only classifier is already near F1 1.0 and nothing can show. A
+    smaller real training split (the same one for Real, Real+SD and Real+SD-RL) is the
+    low-data setting where augmentation matters. ``None`` keeps every image.
+    """
+    train = real["split"] == "train"
+    if n_train is None or n_train >= int(train.sum()):
+        return real
+    if n_train < 1:
+        raise ValueError(f"augmentation.real_train_images: {n_train}; expected at least 1")
+    keep = np.random.default_rng(seed).choice(np.flatnonzero(train), n_train, replace=False)
+    return real[~train | real.index.isin(real.index[keep])].reset_index(drop=True)
+
+
 def augmented_manifest(
     manifest: str | os.PathLike[str],
     folders: Sequence[str],
-    model: str,
+    model: str | None,
     out: str | os.PathLike[str],
+    real_train_images: int | None = None,
 ) -> pd.DataFrame:
-    """Real manifest + the model's samples as extra training rows; paths relative to ``out``."""
-    real = read_manifest(manifest)
-    df = pd.concat([real, synthetic_rows(folders, model)], ignore_index=True)
+    """Real manifest (training split cut to ``real_train_images``) + the model's samples as extra
+    training rows (none for ``model=None``, the Real set); paths relative to ``out``."""
+    real = real_subset(read_manifest(manifest), real_train_images)
+    parts = [real, synthetic_rows(folders, model)] if model is not None else [real]
+    df = pd.concat(parts, ignore_index=True)
     root = Path(out).resolve().parent
     df["path"] = [os.path.relpath(p, root) for p in df["path"]]
     write_manifest(df, out)
