@@ -178,6 +178,7 @@ def write_document(
     iterations = _read(run, "results/ddpo/iterations.tsv")
     config = _read(run, "results/report/config.tsv")
     times = rule_times(run / "logs")
+    info = machine()
 
     judge = change[change["classifier"] == "judge"].set_index("metric")
     reward = change[change["classifier"] == "reward"].set_index("metric")
@@ -313,7 +314,12 @@ def write_document(
         "",
         "## Machine",
         "",
-        markdown_table(pd.DataFrame(list(machine().items()), columns=["what", "value"])),
+        "The GPU variant of the showcase (a larger tiny model at 64-128 px) was not run for this "
+        "document: it needs a CUDA device, and the machine below had none."
+        if not info["gpu"] or info["gpu"] == "none"
+        else f"Run on {info['gpu']}.",
+        "",
+        markdown_table(pd.DataFrame(list(info.items()), columns=["what", "value"])),
         "",
     ]
     if tuning is not None and Path(tuning).exists():
