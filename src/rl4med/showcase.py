@@ -250,6 +250,10 @@ def write_document(
         "paired change "
         f"{100 * judge.loc['APR', 'change']:+.1f} points "
         f"{_ci(judge.loc['APR', 'ci_low'], judge.loc['APR', 'ci_high'])} (95% paired bootstrap).",
+        f"- Judge r_A (share of the 6 attributes as prompted): {judge.loc['r_A', 'SD']:.3f} -> "
+        f"{judge.loc['r_A', 'SD+RL']:.3f}, paired change "
+        f"{100 * judge.loc['r_A', 'change']:+.1f} points "
+        f"{_ci(judge.loc['r_A', 'ci_low'], judge.loc['r_A', 'ci_high'])}.",
         f"- Reward classifier's APR: {_pct(apr['SD', 'reward'][0])}% -> "
         f"{_pct(apr['SD+RL', 'reward'][0])}% ({100 * reward.loc['APR', 'change']:+.1f} points); "
         f"reward minus judge gain: "
