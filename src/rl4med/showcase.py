@@ -25,7 +25,6 @@ import pandas as pd
 from PIL import Image
 
 from rl4med.attributes import ARTIFACTS, DISPLAY_NAMES
-from rl4med.evaluation.apr import bootstrap_ci
 from rl4med.evaluation.augmentation import TRAINING_SETS, rarest_artifact
 from rl4med.evaluation.report import stop_info
 from rl4med.io import STEP_DONE, atomic_path
@@ -102,13 +101,6 @@ def artifact_rates(scores: pd.DataFrame, classifier: str = "judge") -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def model_apr(scores: pd.DataFrame, classifier: str, n_boot: int) -> tuple[float, float, float]:
-    """Mean APR over all samples (= over the prompts, equal samples each) with a 95% interval."""
-    exact = scores.loc[scores["classifier"] == classifier, "exact"].to_numpy(dtype=float)
-    lo, hi = bootstrap_ci(exact, n_boot)
-    return float(exact.mean()), lo, hi
-
-
 def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
     """A GitHub markdown table; floats rounded to ``digits``."""
 
@@ -137,18 +129,9 @@ def stack_images(paths: Sequence[Path], out: Path) -> None:
         canvas.save(tmp, format="PNG")
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
 def _ci(lo: float, hi: float) -> str:
     """A 95% interval of a change, in points."""
     return f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
-
-
-def _level(lo: float, hi: float) -> str:
-    """A 95% interval of a rate, in percent."""
-    return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def _read(run: Path, rel: str) -> pd.DataFrame:
@@ -164,7 +147,6 @@ def write_document(
     wall_seconds: float,
     tuning: str | os.PathLike[str] | None,
     config_file: str,
-    n_boot: int = 2000,
     name: str = "cpu-showcase",
 ) -> Path:
     """Write ``<out_dir>/<name>.md`` and its figures from the run folder ``run_dir``."""
@@ -182,11 +164,8 @@ def write_document(
 
     judge = change[change["classifier"] == "judge"].set_index("metric")
     reward = change[change["classifier"] == "reward"].set_index("metric")
-    apr = {
-        (model, clf): model_apr(scores, clf, n_boot)
-        for model, scores in (("SD", sd), ("SD+RL", rl))
-        for clf in ("judge", "reward")
-    }
+    # per-model APR (%) and its 95% interval as Table 3 has them (one bootstrap, one number)
+    apr = table3.set_index("model")
     fd_col = next(c for c in table3.columns if c.startswith("FD") or c.startswith("FID"))
     lpips_col = next(c for c in table3.columns if c.startswith("LPIPS"))
     fd = table3.set_index("model")[fd_col]
@@ -245,8 +224,8 @@ def write_document(
         "## Headline",
         "",
         f"- Judge-confirmed APR over the {prompts} prompts ({per_prompt} paired samples each, same "
-        f"noise): SD {_pct(apr['SD', 'judge'][0])}% {_level(*apr['SD', 'judge'][1:])} -> "
-        f"SD+RL {_pct(apr['SD+RL', 'judge'][0])}% {_level(*apr['SD+RL', 'judge'][1:])}; "
+        f"noise): SD {apr.loc['SD', 'APR_judge']:.1f}% {apr.loc['SD', 'APR_judge_ci']} -> "
+        f"SD+RL {apr.loc['SD+RL', 'APR_judge']:.1f}% {apr.loc['SD+RL', 'APR_judge_ci']}; "
         "paired change "
         f"{100 * judge.loc['APR', 'change']:+.1f} points "
         f"{_ci(judge.loc['APR', 'ci_low'], judge.loc['APR', 'ci_high'])} (95% paired bootstrap).",
@@ -254,8 +233,8 @@ def write_document(
         f"{judge.loc['r_A', 'SD+RL']:.3f}, paired change "
         f"{100 * judge.loc['r_A', 'change']:+.1f} points "
         f"{_ci(judge.loc['r_A', 'ci_low'], judge.loc['r_A', 'ci_high'])}.",
-        f"- Reward classifier's APR: {_pct(apr['SD', 'reward'][0])}% -> "
-        f"{_pct(apr['SD+RL', 'reward'][0])}% ({100 * reward.loc['APR', 'change']:+.1f} points); "
+        f"- Reward classifier's APR: {apr.loc['SD', 'APR_reward']:.1f}% -> "
+        f"{apr.loc['SD+RL', 'APR_reward']:.1f}% ({100 * reward.loc['APR', 'change']:+.1f} points); "
         f"reward minus judge gain: "
         f"{100 * (reward.loc['APR', 'change'] - judge.loc['APR', 'change']):+.1f} points "
         "(a large positive gap would be reward hacking).",
