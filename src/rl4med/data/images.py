@@ -1,28 +1,44 @@
-"""Images of a manifest as tensors: the one loader used by stage i and the classifiers."""
+"""Images of a manifest as tensors: the one loader used by stage i, the classifiers and metrics.
+
+Images travel as uint8 (4x smaller than float32) from disk to the device and become float in
+[-1, 1] there, one batch at a time (``to_float``), so no step ever holds a data set as float
+and a GPU step reads its batches through DataLoader workers (``batch_loader``).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from rl4med.attributes import ATTRIBUTES
 from rl4med.data.manifest import DataError
 
+CROPS = ("center", "none")
 
-def load_image(path: str, size: int) -> np.ndarray:
-    """RGB uint8 (size, size, 3): grayscale/RGBA are converted, non-square images centre-cropped."""
+
+def load_image(path: str, size: int, crop: str = "center") -> np.ndarray:
+    """RGB uint8 (size, size, 3): grayscale/RGBA are converted.
+
+    ``crop="center"`` cuts non-square images to their centre square first (training);
+    ``crop="none"`` resizes the whole image to a square (the authors' metric preprocessing).
+    """
+    if crop not in CROPS:
+        raise ValueError(f"crop {crop!r}: use one of {', '.join(CROPS)}")
     try:
         with Image.open(path) as im:
+            im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when much larger
             im = im.convert("RGB")
             w, h = im.size
             side = min(w, h)
-            if (w, h) != (side, side):
+            if crop == "center" and (w, h) != (side, side):
                 left, top = (w - side) // 2, (h - side) // 2
                 im = im.crop((left, top, left + side, top + side))
-            if side != size:
+            if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BICUBIC)
             return np.array(im, dtype=np.uint8)
     except (OSError, ValueError) as err:
@@ -30,25 +46,54 @@ def load_image(path: str, size: int) -> np.ndarray:
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]. Use per batch, never on a data set."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_float(batch: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1] on ``device`` (converted after the copy)."""
+    if device is not None:
+        batch = batch.to(device, non_blocking=True)
+    return batch.float().div_(127.5).sub_(1.0)
 
 
 class ManifestImages(Dataset):
-    """(image in [-1, 1], 6 labels) pairs of a manifest's rows, loaded and resized on demand."""
+    """(uint8 image (3, size, size), 6 labels) pairs of a manifest's rows, read on demand."""
 
-    def __init__(self, manifest: pd.DataFrame, size: int) -> None:
+    def __init__(self, manifest: pd.DataFrame, size: int, crop: str = "center") -> None:
         self.paths = manifest["path"].tolist()
         self.labels = torch.tensor(manifest[list(ATTRIBUTES)].to_numpy(), dtype=torch.float32)
-        self.size = size
+        self.size, self.crop = size, crop
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return to_tensor(load_image(self.paths[i], self.size)[None])[0], self.labels[i]
+        image = torch.from_numpy(load_image(self.paths[i], self.size, self.crop))
+        return image.permute(2, 0, 1).contiguous(), self.labels[i]
 
     def load_all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All images at once (the demo's small data sets fit in memory)."""
-        images = np.stack([load_image(p, self.size) for p in self.paths])
+        """All images at once as float; only for the demo's tiny autoencoder pre-training."""
+        images = np.stack([load_image(p, self.size, self.crop) for p in self.paths])
         return to_tensor(images), self.labels
+
+
+def batch_loader(
+    dataset: Dataset,
+    order: Sequence[int],
+    batch_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
+    """Batches of ``dataset`` in exactly ``order`` (seeded by the caller, so a resumed run reads
+    the same batches), decoded by ``num_workers`` worker processes (0: in this process)."""
+    order = [int(i) for i in order]
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    batches = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=max(0, int(num_workers)),
+        pin_memory=pin_memory,
+    )

@@ -32,7 +32,7 @@ from rl4med.checkpoint import (
     save_checkpoint,
     weights_signature,
 )
-from rl4med.data.images import ManifestImages
+from rl4med.data.images import ManifestImages, to_float
 from rl4med.data.manifest import read_manifest
 from rl4med.io import write_table
 from rl4med.models.sd import StableDiffusion
@@ -174,7 +174,7 @@ def finetune(
         prompt_idx = bank.indices(torch.stack(labels))
         drop = torch.rand(len(idx), generator=gen) < dropout
         prompt_idx[drop] = bank.null_index
-        latents = sd.encode_images(torch.stack(images).to(accel.device))
+        latents = sd.encode_images(to_float(torch.stack(images), accel.device))
         with accel.autocast():
             loss = diffusion_loss(
                 unet, sd.scheduler, latents, bank.embeddings[prompt_idx].to(accel.device), gen
