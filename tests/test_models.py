@@ -103,20 +103,21 @@ def _with_kl_vae(sd: StableDiffusion) -> StableDiffusion:
 # ------------------------------------------------------------------------------ tokenizer, AE
 
 
-def test_prompt_tokenizer_knows_every_prompt_word(tmp_path):
+@pytest.mark.parametrize(("template", "longest"), [("paper", 17), ("authors", 20)])
+def test_prompt_tokenizer_knows_every_prompt_word(tmp_path, template, longest):
     tok = train_prompt_tokenizer(20)
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
     lengths = []
     for p in all_prompts():
-        ids = again(p.text).input_ids
+        ids = again(p.render(template)).input_ids
         lengths.append(len(ids))
         assert again.unk_token_id not in ids
         assert ids[-1] == again.eos_token_id  # nothing cut off
-        assert ids == tok(p.text).input_ids
-    assert max(lengths) == 17
-    with pytest.raises(ValueError, match="max_prompt_tokens=16 is too short"):
-        train_prompt_tokenizer(16)
+        assert ids == tok(p.render(template)).input_ids
+    assert max(lengths) == longest
+    with pytest.raises(ValueError, match="max_prompt_tokens=19 is too short"):
+        train_prompt_tokenizer(19)
     assert again("a dermoscopic image with tattoos").input_ids.count(again.unk_token_id) == 1
 
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from rl4med.attributes import ARTIFACTS, ATTRIBUTES, attribute_index
@@ -104,8 +106,31 @@ def test_artifact_order_is_canonical():
         (lambda: prompt_from_slug("bcc__none"), "unknown prompt slug"),
         (lambda: prompt_from_labels([1, 1, 0, 0, 0, 0]), "exactly one of MEL, NV"),
         (lambda: prompt_from_labels([1, 0, 0]), "6 values"),
+        (lambda: Prompt("MEL").render("clip"), "prompt template 'clip'"),
+        (
+            lambda: to_prompt("a dermoscopic image with melanoma (MEL) showing ink, hair"),
+            "not one of the authors' 32 texts",
+        ),
     ],
 )
 def test_bad_prompts_name_what_is_wrong(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+AUTHORS_PROMPTS = Path(__file__).parents[1] / "resources/isic2019-official-splits/isic_prompts.txt"
+
+
+def test_authors_template_is_their_32_texts_exactly():
+    """Their isic_prompts.txt, shipped with the splits: the same 32 conditions, their wording."""
+    theirs = AUTHORS_PROMPTS.read_text().splitlines()
+    ours = [p.render("authors") for p in all_prompts()]
+    assert len(theirs) == 32 and sorted(theirs) == sorted(ours)
+    assert "a dermoscopic image with melanoma (MEL) showing hair, gel bubble, ruler, ink" in ours
+    assert "a dermoscopic image with melanocytic nevus (NV) with no visible artifacts" in ours
+    for text in theirs:  # parsed back to the same condition, so slugs are unchanged
+        prompt = to_prompt(text)
+        assert prompt.render("authors") == text and prompt_from_slug(prompt.slug) == prompt
+    assert to_prompt("a dermoscopic image with melanoma (MEL) showing ruler, ink").slug == (
+        "mel__ink-ruler"
+    )

@@ -1,9 +1,18 @@
-"""The paper's prompt template and C(prompt), the one prompt builder of the project.
+"""The prompt templates and C(prompt): the one prompt builder of the project.
 
-"A dermoscopic image with {melanoma | melanocytic nevus} showing {artifacts}" (paper, 2.2).
-Artifacts are always named in ``ARTIFACTS`` order and joined as "a, b and c"; the empty
-subset drops "showing". Each prompt has a slug (``mel__hair-gel-ruler``, ``nv__none``) that
-is safe as a Snakemake wildcard and a file name.
+Two wordings of the same 32 conditions (``prompts.template`` in the config):
+
+- ``paper`` (Figure 1): "A dermoscopic image with {melanoma | melanocytic nevus} showing
+  {artifacts}", artifacts in ``ARTIFACTS`` order joined as "a, b and c"; no artifact drops
+  "showing".
+- ``authors`` (the authors' code, their ``isic_prompts.txt``): "a dermoscopic image with
+  melanoma (MEL) showing hair, gel bubble, ruler, ink", artifacts in the order hair, gel bubble,
+  ruler, ink joined by ", "; no artifact: "... with no visible artifacts". A UNet fine-tuned on
+  these texts (the authors' published one) expects exactly this wording.
+
+The template is a property of a trained model (saved with it, see ``rl4med.models.sd``); a
+prompt's identity is its condition. Each prompt has a slug (``mel__hair-gel-ruler``,
+``nv__none``), the same under both templates, safe as a Snakemake wildcard and a file name.
 """
 
 from __future__ import annotations
@@ -34,6 +43,21 @@ ARTIFACT_SLUGS: Final[dict[str, str]] = {
 }
 NO_ARTIFACT_SLUG: Final[str] = "none"
 
+TEMPLATES: Final[tuple[str, ...]] = ("paper", "authors")
+AUTHORS_PREFIX: Final[str] = "a dermoscopic image with"
+AUTHORS_DISEASES: Final[dict[str, str]] = {
+    "MEL": "melanoma (MEL)",
+    "NV": "melanocytic nevus (NV)",
+}
+AUTHORS_ARTIFACTS: Final[dict[str, str]] = {
+    "hair": "hair",
+    "gel_bubbles": "gel bubble",
+    "ruler": "ruler",
+    "ink": "ink",
+}
+"""The authors' artifact words, in the order their prompts name them (ruler before ink)."""
+AUTHORS_NONE: Final[str] = "with no visible artifacts"
+
 
 @dataclass(frozen=True, order=True)
 class Prompt:
@@ -60,11 +84,23 @@ class Prompt:
 
     @property
     def text(self) -> str:
-        """The prompt fed to the text encoder."""
-        head = f"{PROMPT_PREFIX} {DISEASE_PHRASES[self.disease]}"
-        if not self.artifacts:
-            return head
-        return f"{head} showing {_join([ARTIFACT_PHRASES[a] for a in self.artifacts])}"
+        """The paper's wording (Figure 1); ``render`` gives either template's."""
+        return self.render("paper")
+
+    def render(self, template: str = "paper") -> str:
+        """The text fed to the text encoder under ``template`` (``paper`` or ``authors``)."""
+        if template == "paper":
+            head = f"{PROMPT_PREFIX} {DISEASE_PHRASES[self.disease]}"
+            if not self.artifacts:
+                return head
+            return f"{head} showing {_join([ARTIFACT_PHRASES[a] for a in self.artifacts])}"
+        if template == "authors":
+            head = f"{AUTHORS_PREFIX} {AUTHORS_DISEASES[self.disease]}"
+            if not self.artifacts:
+                return f"{head} {AUTHORS_NONE}"
+            words = [w for a, w in AUTHORS_ARTIFACTS.items() if a in self.artifacts]
+            return f"{head} showing {', '.join(words)}"
+        raise ValueError(check_template(template))  # unreachable for a known template
 
     @property
     def slug(self) -> str:
@@ -161,13 +197,33 @@ def prompt_from_labels(labels: Iterable[int | float | bool]) -> Prompt:
     return Prompt(diseases[0], tuple(a for a in ARTIFACTS if a in on))
 
 
+def _authors_texts() -> dict[str, Prompt]:
+    return {p.render("authors"): p for p in all_prompts()}
+
+
 def to_prompt(value: str | Prompt) -> Prompt:
-    """Accept a Prompt, a prompt text or a slug."""
+    """Accept a Prompt, a prompt text of either template or a slug."""
     if isinstance(value, Prompt):
         return value
-    if value.strip().startswith(PROMPT_PREFIX):
-        return parse_prompt(value)
-    return prompt_from_slug(value)
+    text = value.strip()
+    if text.startswith(PROMPT_PREFIX):
+        return parse_prompt(text)
+    if text.startswith(AUTHORS_PREFIX):
+        authors = _authors_texts()
+        if text not in authors:
+            raise ValueError(
+                f"prompt {value!r} is not one of the authors' 32 texts, e.g. "
+                f"{Prompt('MEL', ('hair', 'ink')).render('authors')!r}"
+            )
+        return authors[text]
+    return prompt_from_slug(text)
+
+
+def check_template(template: str) -> str:
+    """``template`` if it is a known prompt template, else a clear error."""
+    if template not in TEMPLATES:
+        raise ValueError(f"prompt template {template!r}: use one of {', '.join(TEMPLATES)}")
+    return template
 
 
 def condition_vector(prompt: str | Prompt) -> tuple[int, ...]:
