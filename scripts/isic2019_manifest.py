@@ -11,7 +11,7 @@ from rl4med.data.isic import build_isic_manifest
 from rl4med.io import run_step
 
 run_step(
-    lambda: build_isic_manifest(smk.params.cfg, smk.output.manifest),
+    lambda: build_isic_manifest(smk.params.cfg, smk.output.manifest, smk.output.missing),
     smk.log[0],
     rule=smk.rule,
 )

@@ -10,4 +10,8 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 from rl4med.data.manifest import write_table1
 from rl4med.io import run_step
 
-run_step(lambda: write_table1(smk.input.manifest, smk.output.table), smk.log[0], rule=smk.rule)
+run_step(
+    lambda: write_table1(smk.input.manifest, smk.output.table, smk.input.get("missing")),
+    smk.log[0],
+    rule=smk.rule,
+)

@@ -1,12 +1,17 @@
 """ISIC2019 adapter on small ISIC-format fixtures written by the tests."""
 
 import logging
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from rl4med.data.isic import build_isic_manifest
-from rl4med.data.manifest import DataError, read_manifest
+from rl4med.attributes import ATTRIBUTES, DISPLAY_NAMES
+from rl4med.data.isic import SPLIT_FILES, build_isic_manifest
+from rl4med.data.manifest import MISSING_COLUMN, DataError, read_manifest, table1, write_table1
+from rl4med.evaluation import paper
+from rl4med.evaluation.apr import subgroup_counts
+from rl4med.prompts import prompt_from_labels
 
 
 def test_bissoto_inferred_file_gives_manifest(isic):
@@ -201,3 +206,73 @@ def test_existing_manifest_survives_bad_input(isic):
     with pytest.raises(DataError):
         build_isic_manifest({**cfg, "ground_truth": str(tmp / "gt.csv")}, target)
     assert target.read_bytes() == before
+
+
+# ------------------------------------------------------------------ the authors' split files
+
+OFFICIAL = Path(__file__).parents[1] / "resources/isic2019-official-splits"
+
+
+def _official_images(folder, every_downsampled=3, skip=()):
+    """Empty stand-in files for every id of the split files (the adapter only looks them up);
+    every third one named as ISIC's downsampled copies are."""
+    folder.mkdir()
+    ids = pd.concat(pd.read_csv(OFFICIAL / f, usecols=["image"]) for f in SPLIT_FILES.values())
+    for k, i in enumerate(ids["image"]):
+        if i not in skip:
+            suffix = "_downsampled" if k % every_downsampled == 0 else ""
+            (folder / f"{i}{suffix}.jpg").touch()
+    return ids["image"].tolist()
+
+
+def test_official_splits_reproduce_tables_1_and_2(tmp_path):
+    ids = _official_images(tmp_path / "images")
+    cfg = {"splits": str(OFFICIAL), "image_dir": str(tmp_path / "images")}
+    out = tmp_path / "manifest.csv"
+    build_isic_manifest(cfg, out, tmp_path / "missing.tsv")
+    df = read_manifest(out)
+    assert len(df) == len(ids) == 16616
+    assert df["path"].str.endswith("_downsampled.jpg").sum() == len(ids) // 3 + 1
+    t1 = table1(df).set_index("Split")
+    for split, counts in paper.TABLE1.items():
+        assert t1.loc[split, [DISPLAY_NAMES[a] for a in ATTRIBUTES]].tolist() == list(counts)
+    assert t1.loc["Total", "Images"] == 16616 and MISSING_COLUMN not in t1.columns
+    train = df[df["split"] == "train"]
+    for (disease, artifact), (n_real, _, _) in paper.TABLE2.items():
+        labels = [int(a in (disease, artifact)) for a in ATTRIBUTES]
+        exact, _ = subgroup_counts(train, prompt_from_labels(labels))
+        assert exact == n_real, (disease, artifact)
+    assert len(pd.read_csv(tmp_path / "missing.tsv", sep="\t")) == 0
+
+
+def test_missing_official_images_are_named_or_dropped_and_counted(tmp_path):
+    gone = ["ISIC_0067478", "ISIC_0060019", "ISIC_0030786"]  # one per split file
+    _official_images(tmp_path / "images", skip=gone)
+    cfg = {"splits": str(OFFICIAL), "image_dir": str(tmp_path / "images")}
+    with pytest.raises(DataError) as err:
+        build_isic_manifest(cfg, tmp_path / "m.csv")
+    msg = str(err.value)
+    assert "3 of the 16616 images" in msg and all(i in msg for i in gone)
+    assert "_downsampled.jpg" in msg and "drop_missing_images: true" in msg
+    assert not (tmp_path / "m.csv").exists()
+    missing = tmp_path / "missing.tsv"
+    build_isic_manifest({**cfg, "drop_missing_images": True}, tmp_path / "m.csv", missing)
+    assert sorted(pd.read_csv(missing, sep="\t")["image_id"]) == sorted(gone)
+    t1 = write_table1(tmp_path / "m.csv", tmp_path / "t1.tsv", missing).set_index("Split")
+    assert t1[MISSING_COLUMN].tolist() == [1, 1, 1, 3]
+    assert t1.loc["Total", "Images"] == 16616 - 3
+
+
+def test_split_files_with_bad_labels_are_named(tmp_path):
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    for name in SPLIT_FILES.values():
+        (folder / name).write_text((OFFICIAL / name).read_text())
+    train = pd.read_csv(folder / SPLIT_FILES["train"])
+    train.loc[5, "ink"] = 2
+    train.to_csv(folder / SPLIT_FILES["train"], index=False)
+    (tmp_path / "images").mkdir()
+    cfg = {"splits": str(folder), "image_dir": str(tmp_path / "images")}
+    message = r"(?s)isic2019_train.csv: labels must be 0 or 1.*line 7: image=.*ink=.2."
+    with pytest.raises(DataError, match=message):
+        build_isic_manifest(cfg, tmp_path / "m.csv")

@@ -10,6 +10,11 @@ Inputs (paths from ``config["data"]["isic2019"]``):
 
 Only MEL and NV images are kept (the paper's two diseases). Bad input raises ``DataError``
 naming the file and up to 10 offending rows.
+
+With ``splits`` naming a folder (``official``: the authors' split files shipped in
+``resources/isic2019-official-splits``), split and labels come from its
+``isic2019_{train,val,test}.csv`` instead, and images are found as ``<id>.jpg`` or
+``<id>_downsampled.jpg`` (the authors' loader tries both): Table 1 is then the paper's.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import pandas as pd
 from rl4med.attributes import ARTIFACTS, ATTRIBUTES, DISEASES
 from rl4med.data.manifest import DataError, format_rows, write_manifest
 from rl4med.data.splits import TABLE1_SPLIT_FRACTIONS, stratified_split
+from rl4med.io import write_table
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,13 @@ DEFAULT_ARTIFACT_COLUMNS: dict[str, str] = {
     "ruler": "ruler",
 }
 DEFAULT_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+SPLIT_FILES: dict[str, str] = {
+    "train": "isic2019_train.csv",
+    "val": "isic2019_val.csv",
+    "test": "isic2019_test.csv",
+}
+DOWNSAMPLED = "_downsampled"
+MISSING_COLUMNS: tuple[str, ...] = ("image_id", "split", "looked_for")
 
 
 def read_csv_sniffed(path: str | Path, what: str) -> pd.DataFrame:
@@ -157,8 +170,122 @@ def read_artifacts(
     return out
 
 
-def build_isic_manifest(cfg: Mapping[str, Any], manifest: str | Path) -> pd.DataFrame:
-    """Join ground truth, artifact labels and images; split; write ``manifest.csv``."""
+def read_split_files(folder: str | Path, columns: Mapping[str, str]) -> pd.DataFrame:
+    """image, split and the 6 attributes from the three split files of ``folder``."""
+    folder = Path(folder)
+    parts = []
+    for split, name in SPLIT_FILES.items():
+        path = folder / name
+        df = read_csv_sniffed(path, f"{split} split file")
+        wanted = [columns[a] for a in ARTIFACTS]
+        _require_columns(df, ["image", *DISEASES, *wanted], path, f"{split} split file")
+        values = df[[*DISEASES, *wanted]].apply(pd.to_numeric, errors="coerce")
+        bad = ~values.isin([0, 1]).all(axis=1) | (values[list(DISEASES)].sum(axis=1) != 1)
+        if bad.any():
+            raise DataError(
+                f"{path}: labels must be 0 or 1 with exactly one of {', '.join(DISEASES)}:\n"
+                + format_rows(df.loc[bad, ["image", *DISEASES, *wanted]])
+            )
+        out = pd.DataFrame({"image": df["image"].astype(str).str.strip(), "split": split})
+        for a in DISEASES:
+            out[a] = values[a].astype(int).to_numpy()
+        for a in ARTIFACTS:
+            out[a] = values[columns[a]].astype(int).to_numpy()
+        parts.append(out)
+    merged = pd.concat(parts, ignore_index=True)
+    dup = merged["image"].duplicated(keep=False)
+    if dup.any():
+        raise DataError(
+            f"{folder}: image ids in more than one split file:\n"
+            + format_rows(merged.loc[dup, ["image", "split"]])
+        )
+    return merged
+
+
+def find_images(ids: pd.Series, image_dir: Path, ext: str) -> tuple[list[str | None], list[str]]:
+    """Path of each id as ``<id><ext>`` or ``<id>_downsampled<ext>`` (None when neither)."""
+    found, looked = [], []
+    for i in ids:
+        names = (f"{i}{ext}", f"{i}{DOWNSAMPLED}{ext}")
+        hit = next((image_dir / n for n in names if (image_dir / n).is_file()), None)
+        found.append(None if hit is None else str(hit))
+        looked.append(" or ".join(names))
+    return found, looked
+
+
+def build_from_split_files(
+    cfg: Mapping[str, Any],
+    folder: str | Path,
+    manifest: str | Path,
+    missing_csv: str | Path | None = None,
+) -> pd.DataFrame:
+    """The manifest of the authors' split: their labels and splits, our image folder."""
+    labels = read_split_files(folder, cfg.get("artifact_columns", DEFAULT_ARTIFACT_COLUMNS))
+    image_dir, ext = Path(cfg["image_dir"]), str(cfg.get("image_ext", ".jpg"))
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: image folder not found (data.isic2019.image_dir)")
+    paths, looked = find_images(labels["image"], image_dir.resolve(), ext)
+    absent = pd.Series([p is None for p in paths])
+    missing = pd.DataFrame(
+        {"image_id": labels["image"], "split": labels["split"], "looked_for": looked}
+    )[absent.to_numpy()]
+    if len(missing) and not cfg.get("drop_missing_images", False):
+        raise DataError(
+            f"{image_dir}: {len(missing)} of the {len(labels)} images of the split files in "
+            f"{folder} are missing (looked for <id>{ext} and <id>{DOWNSAMPLED}{ext}); first: "
+            f"{', '.join(missing['image_id'].head(10))}. Fix data.isic2019.image_dir, or set "
+            "data.isic2019.drop_missing_images: true to leave them out (Table 1 then counts them)"
+        )
+    if len(missing):
+        log.warning(
+            "%d images of the split files are missing in %s and are left out "
+            "(data.isic2019.drop_missing_images; first: %s)",
+            len(missing),
+            image_dir,
+            ", ".join(missing["image_id"].head(5)),
+        )
+    keep = ~absent.to_numpy()
+    out = pd.DataFrame(
+        {
+            "image_id": labels["image"][keep].to_numpy(),
+            "path": [p for p in paths if p is not None],
+            "split": labels["split"][keep].to_numpy(),
+        }
+    )
+    for a in ATTRIBUTES:
+        out[a] = labels[a][keep].to_numpy()
+    write_manifest(out, manifest)
+    if missing_csv is not None:
+        write_table(missing[list(MISSING_COLUMNS)], missing_csv)
+    log.info(
+        "ISIC2019 manifest from the split files in %s: %d images (%d MEL), %d missing -> %s",
+        folder,
+        len(out),
+        int(out["MEL"].sum()),
+        len(missing),
+        manifest,
+    )
+    return out
+
+
+def build_isic_manifest(
+    cfg: Mapping[str, Any], manifest: str | Path, missing_csv: str | Path | None = None
+) -> pd.DataFrame:
+    """The manifest: from split files (``splits`` names a folder) or from ground truth and
+    artifact annotations with a seeded stratified split (``splits`` gives fractions).
+
+    ``missing_csv`` lists the images of the split files left out as missing (possibly none).
+    """
+    splits = cfg.get("splits", TABLE1_SPLIT_FRACTIONS)
+    if isinstance(splits, str):
+        return build_from_split_files(cfg, splits, manifest, missing_csv)
+    if missing_csv is not None:
+        write_table(pd.DataFrame(columns=list(MISSING_COLUMNS)), missing_csv)
+    for key in ("ground_truth", "artifacts"):
+        if not cfg.get(key):
+            raise DataError(
+                f"data.isic2019.{key} is required unless data.isic2019.splits names split files"
+            )
     suffixes = tuple(cfg.get("strip_suffixes", DEFAULT_SUFFIXES))
     gt_path, art_path = Path(cfg["ground_truth"]), Path(cfg["artifacts"])
     gt = read_ground_truth(gt_path, suffixes)
@@ -202,11 +329,7 @@ def build_isic_manifest(cfg: Mapping[str, Any], manifest: str | Path) -> pd.Data
     out = pd.DataFrame({"image_id": merged["image"].to_numpy(), "path": [str(p) for p in paths]})
     for a in ATTRIBUTES:
         out[a] = merged[a].to_numpy()
-    out.insert(
-        2,
-        "split",
-        stratified_split(out, cfg.get("splits", TABLE1_SPLIT_FRACTIONS), int(cfg.get("seed", 0))),
-    )
+    out.insert(2, "split", stratified_split(out, splits, int(cfg.get("seed", 0))))
     write_manifest(out, manifest)
     log.info(
         "ISIC2019 manifest: %d MEL/NV images (%d MEL) with artifact labels -> %s",

@@ -97,8 +97,16 @@ def read_manifest(path: str | os.PathLike[str], split: str | None = None) -> pd.
     return df
 
 
-def table1(df: pd.DataFrame) -> pd.DataFrame:
-    """The paper's Table 1: images per split with each attribute (MEL, NV and the artifacts)."""
+MISSING_COLUMN = "Missing images (left out)"
+
+
+def table1(df: pd.DataFrame, missing: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The paper's Table 1: images per split with each attribute (MEL, NV and the artifacts).
+
+    ``missing`` (image_id, split) lists images of the split files that were not found and left
+    out (``data.isic2019.drop_missing_images``); when there are any, a column counts them, so
+    a Table 1 that differs from the paper's says why.
+    """
     rows = []
     for split in SPLITS:
         part = df[df["split"] == split]
@@ -114,12 +122,21 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
         "Images": len(df),
         **{DISPLAY_NAMES[a]: int(df[a].sum()) for a in ATTRIBUTES},
     }
-    return pd.DataFrame([*rows, total])
+    table = pd.DataFrame([*rows, total])
+    if missing is not None and len(missing):
+        per_split = [int((missing["split"] == s).sum()) for s in SPLITS]
+        table[MISSING_COLUMN] = [*per_split, len(missing)]
+    return table
 
 
-def write_table1(manifest: str | os.PathLike[str], out: str | os.PathLike[str]) -> pd.DataFrame:
-    """Compute Table 1 from a manifest and write it as TSV."""
-    t = table1(read_manifest(manifest))
+def write_table1(
+    manifest: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    missing: str | os.PathLike[str] | None = None,
+) -> pd.DataFrame:
+    """Compute Table 1 from a manifest (and the list of missing images, if any); write TSV."""
+    left_out = pd.read_csv(missing, sep="\t", dtype=str) if missing else None
+    t = table1(read_manifest(manifest), left_out)
     write_table(t, out)
     log.info("Table 1 of %s:\n%s", manifest, t.to_string(index=False))
     return t
