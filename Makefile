@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup demo sweep showcase test bench dryrun lint clean
+.PHONY: help setup demo sweep showcase test bench gpu-check dryrun lint clean
 
 help:
 	@echo "make demo    install into $(VENV) and run the embedded demo to results/report.html"
@@ -20,6 +20,7 @@ help:
 	@echo "make sweep   the demo plus a 2-setting DDPO sweep (config/sweep.yaml), about 15 minutes more"
 	@echo "make showcase  the CPU showcase (config/cpu-showcase.yaml, <= 90 min) -> docs/results/cpu-showcase.md"
 	@echo "make bench   CPU benchmarks (ratios against bare baselines) -> benchmarks/results.md"
+	@echo "make gpu-check  the GPU check (SD v1.5 speed, DDPO, GPU-hours, workflow devices) -> docs/results/gpu-check.md; no CUDA: results/gpu-check/"
 	@echo "make dryrun  dry-run the demo and the paper-scale (ISIC2019) configs"
 	@echo "make lint    ruff and snakemake --lint"
 
@@ -67,6 +68,12 @@ sweep: setup
 # speed goals: ratios against bare baselines measured in the same run (never timed tests)
 bench: setup
 	$(BIN)/python benchmarks/report.py
+
+# one prepared check for a lent GPU (benchmarks/gpu_check.py says how to bring its packages):
+# with any python that has them, no setup step (the GPU machine has no internet)
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 dryrun: setup
 	snakemake -n --quiet rules

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from common import DEMO, record
+from PIL import Image
 
 from rl4med.data.manifest import read_manifest
 from rl4med.data.synthetic import generate_dataset
 from rl4med.evaluation.frechet import judge_space, model_fd, real_statistics
 from rl4med.evaluation.perceptual import load_lpips, lpips_table
+from rl4med.evaluation.samples import sample_index
 from rl4med.models.classifier import AttributeClassifier, ClassifierSpec, create_backbone
 from rl4med.prompts import all_prompts
 
@@ -42,11 +46,12 @@ def main(n_real: int = 1000, n_generated: int = 256) -> None:
         runs = {}
         for m, images in models.items():
             t0 = time.perf_counter()
-            model_fd(f"{tmp}/real.npz", space, images, labels)
+            model_fd(f"{tmp}/real.npz", space, [(images, labels)])
             runs[m] = time.perf_counter() - t0
+        folders = write_samples(f"{tmp}/samples", models["sd"], prompts)
         lp, label = load_lpips("alex", None, torch.device("cpu"))
         t0 = time.perf_counter()
-        lpips_table(lp, label, models["sd"], [p.slug for p in prompts], train, 8, 0)
+        lpips_table(lp, label, sample_index(folders), train, 8, 0)
         t_lpips = time.perf_counter() - t0
     first = t_real + runs["sd"]
     rows = [
@@ -78,6 +83,23 @@ def main(n_real: int = 1000, n_generated: int = 256) -> None:
             "1st model's own-image cost)"
         ],
     )
+
+
+def write_samples(root: str, images: np.ndarray, prompts: list) -> list[str]:
+    """The samples as generate jobs leave them: one folder of PNGs + index.csv per prompt."""
+    folders = []
+    for slug in dict.fromkeys(p.slug for p in prompts):
+        folder = Path(root) / slug
+        folder.mkdir(parents=True)
+        rows = [k for k, p in enumerate(prompts) if p.slug == slug]
+        for i, k in enumerate(rows):
+            Image.fromarray(images[k]).save(folder / f"{i:05d}.png")
+        index = {"file": [f"{i:05d}.png" for i in range(len(rows))], "sample": range(len(rows))}
+        pd.DataFrame({**index, "prompt": slug, "seed": rows}).to_csv(
+            folder / "index.csv", index=False
+        )
+        folders.append(str(folder))
+    return folders
 
 
 if __name__ == "__main__":

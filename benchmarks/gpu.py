@@ -1,6 +1,7 @@
-"""GPU: SD v1.5-size UNet and VAE (published configs, random weights) at 512 px in bf16:
-generation images/s at 50 DDIM steps with guidance, achieved UNet TFLOP/s against the GPU's
-dense bf16 peak, DDPO update seconds per sample, peak memory. Skipped without CUDA.
+"""GPU: SD v1.5-size UNet (SD v1.5's configs from rl4med.models.sd15, random weights) at 512 px
+in bf16: generation images/s at 50 DDIM steps with guidance, achieved UNet TFLOP/s against the
+GPU's dense bf16 peak, peak memory. Skipped without CUDA. The whole GPU path (the project's own
+generation code against this bare loop, DDPO, stage i, the workflow) is benchmarks/gpu_check.py.
 
     .venv/bin/python benchmarks/gpu.py
 """
@@ -12,23 +13,8 @@ import time
 import torch
 from common import record
 
-# SD v1.5's UNet2DConditionModel config (runwayml/stable-diffusion-v1-5, unet/config.json)
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    down_block_types=(
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
+from rl4med.models.sd15 import SD15_SCHEDULER, SD15_TEXT_ENCODER, SD15_UNET
+
 UNET_TFLOP_PER_IMAGE = 0.68  # one forward at 512 px (64x64 latents), multiply-adds x 2
 DENSE_BF16_PEAK = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # TFLOP/s, SXM
 
@@ -47,9 +33,10 @@ def main(batch: int = 16, steps: int = 50) -> None:
     dev = torch.device("cuda")
     unet = UNet2DConditionModel(**SD15_UNET).to(dev, torch.bfloat16).eval()
     unet.to(memory_format=torch.channels_last)
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sched = DDIMScheduler.from_config(SD15_SCHEDULER)
     sched.set_timesteps(steps, device=dev)
-    emb = torch.randn(2 * batch, 77, 768, device=dev, dtype=torch.bfloat16)
+    tokens, width = SD15_TEXT_ENCODER["max_position_embeddings"], SD15_TEXT_ENCODER["hidden_size"]
+    emb = torch.randn(2 * batch, tokens, width, device=dev, dtype=torch.bfloat16)
 
     @torch.inference_mode()
     def run() -> None:

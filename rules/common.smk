@@ -7,6 +7,9 @@ from snakemake.utils import validate
 
 # No model hub at run time: every weight comes from a local path in the config.
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+# glibc returns large freed blocks (batches of images) to the system at once instead of keeping
+# them in a growing heap, so a streaming job's memory stays flat (measured: tests/test_scale.py)
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
 
 
 def validate_config(cfg):
@@ -48,6 +51,16 @@ CONTAINER = config["container"]
 DATA_SOURCE = config["data"]["source"]
 MANIFEST = "results/data/manifest.csv"
 TABLE1 = "results/data/table1.tsv"
+# images of the ISIC split files that were not found (listed, counted in Table 1)
+MISSING_IMAGES = "results/data/missing_images.tsv"
+# the authors' split files, shipped with the workflow (data.isic2019.splits: official)
+OFFICIAL_SPLITS = os.path.join(workflow.basedir, "resources", "isic2019-official-splits")
+
+
+def isic2019_settings(cfg):
+    """The ISIC adapter's settings, `splits: official` resolved to the shipped folder."""
+    return {**cfg, "splits": OFFICIAL_SPLITS} if cfg.get("splits") == "official" else cfg
+
 
 # The base model of stage i. Tiny: the folder that build_sd writes. Pretrained: a local SD v1.5
 # folder, passed as a param so that the paper-scale config dry-runs where the weights are not.
@@ -108,6 +121,22 @@ def resource(rule_name, key):
     defaults = {"cpus": 1, "mem_mb": 4000, "runtime": 60, "gpus": 0}
     table = config.get("resources", {})
     return table.get(rule_name, {}).get(key, table.get("default", {}).get(key, defaults[key]))
+
+
+def processes(rule_name):
+    """Processes of finetune_sd / ddpo (accelerate launch), from resources.<name>.processes
+    or resources.default.processes, else one per GPU of the job, at least 1."""
+    table = config.get("resources", {})
+    n = table.get(rule_name, {}).get("processes", table.get("default", {}).get("processes"))
+    return int(n) if n else max(1, int(resource(rule_name, "gpus")))
+
+
+def tracking(run_name):
+    """Live-curve settings of a training run: its event files go to tracking.dir/<run_name>."""
+    return {
+        "log_with": config["tracking"]["log_with"],
+        "dir": f"{config['tracking']['dir']}/{run_name}",
+    }
 
 
 def all_targets():

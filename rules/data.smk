@@ -23,13 +23,6 @@ if DATA_SOURCE == "synthetic":
 
 else:
 
-    MISSING_IMAGES = "results/data/missing_images.tsv"
-    OFFICIAL_SPLITS = os.path.join(workflow.basedir, "resources", "isic2019-official-splits")
-
-    def isic2019_settings(cfg):
-        """The adapter's settings with `splits: official` resolved to the shipped folder."""
-        return {**cfg, "splits": OFFICIAL_SPLITS} if cfg.get("splits") == "official" else cfg
-
     # The raw ISIC files are params, not inputs: the paper-scale config must dry-run on machines
     # without the data; the adapter checks every path and names the missing one. `splits:
     # official` is the authors' split (resources/isic2019-official-splits, shipped with us).

@@ -19,6 +19,8 @@ rule ddpo:
     params:
         cfg=config["ddpo"],
         device=config["sd"]["device"],
+        processes=processes("ddpo"),
+        tracking=tracking("ddpo"),
         # kept outside the outputs so a preempted job resumes from them
         checkpoints="results/checkpoints/ddpo",
     threads: resource("ddpo", "cpus")

@@ -45,6 +45,7 @@ rule score_samples:
         "logs/evaluation/score_samples_{model}.log",
     params:
         device=config["sd"]["device"],
+        batch_size=config["evaluation"]["batch_size"],
     threads: resource("score_samples", "cpus")
     resources:
         mem_mb=resource("score_samples", "mem_mb"),
@@ -70,6 +71,7 @@ rule real_features:
         inception=config["evaluation"]["fid"]["inception_weights"],
         image_size=SD_IMAGE_SIZE,
         device=config["sd"]["device"],
+        batch_size=config["evaluation"]["batch_size"],
     threads: resource("real_features", "cpus")
     resources:
         mem_mb=resource("real_features", "mem_mb"),
@@ -95,6 +97,7 @@ rule fd:
     params:
         inception=config["evaluation"]["fid"]["inception_weights"],
         device=config["sd"]["device"],
+        batch_size=config["evaluation"]["batch_size"],
     threads: resource("fd", "cpus")
     resources:
         mem_mb=resource("fd", "mem_mb"),
@@ -120,6 +123,7 @@ rule lpips:
         cfg=config["evaluation"]["lpips"],
         seed=config["evaluation"]["seed"],
         device=config["sd"]["device"],
+        batch_size=config["evaluation"]["batch_size"],
     threads: resource("lpips", "cpus")
     resources:
         mem_mb=resource("lpips", "mem_mb"),
@@ -227,6 +231,9 @@ rule train_augmented:
         "logs/augmentation/{aug}_seed{seed}.log",
     params:
         cfg=lambda wc: {**config["augmentation"]["classifier"], "seed": int(wc.seed)},
+        device=config["sd"]["device"],
+        # kept outside the outputs so a killed job resumes from its last epoch
+        checkpoints=lambda wc: f"results/checkpoints/augmentation/{wc.aug}/seed{wc.seed}",
     threads: resource("train_augmented", "cpus")
     resources:
         mem_mb=resource("train_augmented", "mem_mb"),

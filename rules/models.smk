@@ -19,6 +19,7 @@ if SD_KIND == "tiny" and TINY_AUTOENCODER == "kl":
         params:
             tiny=config["sd"]["tiny"],
             cfg=config["vae_pretrain"],
+            device=config["sd"]["device"],
         threads: resource("vae_pretrain", "cpus")
         resources:
             mem_mb=resource("vae_pretrain", "mem_mb"),
@@ -73,6 +74,11 @@ rule finetune_sd:
         sd=config["sd"],
         base=sd_base_path,
         cfg=config["finetune_sd"],
+        # the size the model generates at, recorded in the saved UNet's config
+        image_size=SD_IMAGE_SIZE,
+        device=config["sd"]["device"],
+        processes=processes("finetune_sd"),
+        tracking=tracking("finetune_sd"),
         # kept outside the outputs so a killed job resumes from them
         checkpoints="results/checkpoints/finetune_sd",
     threads: resource("finetune_sd", "cpus")
@@ -109,6 +115,9 @@ rule train_classifier:
         "logs/models/train_classifier_{role}.log",
     params:
         cfg=lambda wc: config["classifier"][wc.role],
+        device=config["sd"]["device"],
+        # kept outside the outputs so a killed job resumes from its last epoch
+        checkpoints=lambda wc: f"results/checkpoints/classifier_{wc.role}",
     wildcard_constraints:
         role="reward|judge",
     threads: resource("train_classifier", "cpus")
@@ -141,6 +150,7 @@ rule autoencoder_check:
     params:
         device=config["sd"]["device"],
         dtype=config["sd"]["dtype"],
+        batch_size=config["stage_i_check"]["batch_size"],
     threads: resource("autoencoder_check", "cpus")
     resources:
         mem_mb=resource("autoencoder_check", "mem_mb"),

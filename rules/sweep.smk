@@ -16,6 +16,8 @@ if SWEEP:
         params:
             cfg=lambda wc: {**config["ddpo"], **SWEEP_SETTINGS[wc.setting]},
             device=config["sd"]["device"],
+            processes=processes("ddpo"),
+            tracking=lambda wc: tracking(f"sweep/{wc.setting}"),
             checkpoints=lambda wc: f"results/checkpoints/sweep/{wc.setting}",
         wildcard_constraints:
             setting="|".join(re.escape(s) for s in SWEEP_SETTINGS),

@@ -10,16 +10,23 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 from rl4med.io import run_step, write_table
 from rl4med.models.checks import autoencoder_check
 from rl4med.models.classifier import load_classifier
-from rl4med.models.sd import DTYPES, load_sd, resolve_device
-from rl4med.runtime import configure_torch
+from rl4med.models.sd import DTYPES, load_sd
+from rl4med.runtime import configure_torch, select_device
 
 
 def main() -> None:
     configure_torch(smk.threads)
-    device = resolve_device(smk.params.device)
+    device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
     sd = load_sd(smk.input.sd, device, DTYPES[smk.params.dtype])
     clf = load_classifier(smk.input.classifier, device)
-    write_table(autoencoder_check(sd, clf, smk.input.manifest), smk.output.table)
+    table = autoencoder_check(
+        sd,
+        clf,
+        smk.input.manifest,
+        batch_size=int(smk.params.batch_size),
+        num_workers=smk.threads,
+    )
+    write_table(table, smk.output.table)
 
 
 run_step(main, smk.log[0], rule=smk.rule)

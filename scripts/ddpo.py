@@ -1,4 +1,8 @@
-"""Snakemake entry point: stage ii, DDPO of the stage-i model with the reward classifier's r_A."""
+"""Snakemake entry point: stage ii, DDPO of the stage-i model with the reward classifier's r_A.
+
+One process, or resources.ddpo.processes processes under accelerate launch (one per GPU);
+rl4med.launch.run_ddpo selects each process's device (select_device).
+"""
 
 import sys
 from pathlib import Path
@@ -7,24 +11,25 @@ smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 # the package from this workflow's own src/, also inside conda envs that hold only its deps
 sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 
-from rl4med.ddpo import AttributeReward
-from rl4med.ddpo.train import ddpo_train
 from rl4med.io import run_step
-from rl4med.models.classifier import load_classifier
-from rl4med.models.sd import load_sd, resolve_device
-from rl4med.prompts import all_prompts
-from rl4med.runtime import configure_torch
+from rl4med.launch import run
 
 
 def main() -> None:
-    cfg = smk.params.cfg
-    configure_torch(smk.threads, int(cfg["seed"]))
-    device = resolve_device(smk.params.device)
-    sd = load_sd(smk.input.sd, device)  # float32 weights: the policy is trained
-    reward = AttributeReward(load_classifier(smk.input.reward, device))
-    ddpo_train(
-        sd, reward, all_prompts(), cfg, smk.output.model, smk.output.log_tsv, smk.params.checkpoints
-    )
+    args = {
+        "sd": str(smk.input.sd),
+        "reward": str(smk.input.reward),
+        "model": str(smk.output.model),
+        "log_tsv": str(smk.output.log_tsv),
+        "checkpoints": str(smk.params.checkpoints),
+        "cfg": dict(smk.params.cfg),
+        "device": str(smk.params.device),
+        "gpus": int(smk.resources.gpu),
+        "rule": smk.rule,
+        "threads": int(smk.threads),
+        "tracking": dict(smk.params.tracking),
+    }
+    run("ddpo", args, int(smk.params.processes))
 
 
 run_step(main, smk.log[0], rule=smk.rule)

@@ -9,25 +9,21 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 
 import logging
 
-import numpy as np
-
 from rl4med.evaluation.frechet import load_space, model_fd
-from rl4med.evaluation.samples import prompts_of, read_sample_folders
+from rl4med.evaluation.samples import iter_samples, prompt_labels
 from rl4med.io import run_step, write_table
 from rl4med.models.classifier import load_classifier
-from rl4med.models.sd import resolve_device
-from rl4med.runtime import configure_torch
+from rl4med.runtime import configure_torch, select_device
 
 
 def main() -> None:
     configure_torch(smk.threads)
-    device = resolve_device(smk.params.device)
+    device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
     space = load_space(
         smk.params.inception, lambda: load_classifier(smk.input.judge, device), device
     )
-    images, index = read_sample_folders(list(smk.input.samples))
-    labels = np.array([p.labels for p in prompts_of(index)])
-    table = model_fd(smk.input.real, space, images, labels)
+    batches = iter_samples(list(smk.input.samples), int(smk.params.batch_size), smk.threads)
+    table = model_fd(smk.input.real, space, ((x, prompt_labels(i)) for x, i in batches))
     table.insert(0, "model", smk.wildcards.model)
     write_table(table, smk.output.table)
     logging.getLogger("rl4med").info("%s", table.to_string(index=False))

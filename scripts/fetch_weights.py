@@ -14,10 +14,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from rl4med.weights import fetch, required_weights  # noqa: E402
+from rl4med.weights import allow_downloads, fetch, required_weights  # noqa: E402
 
 
 def main() -> int:
+    # first, before anything imports huggingface_hub (it reads HF_HUB_OFFLINE once): the
+    # workflow's offline mode (container, Makefile) must not stop the one step that downloads
+    allow_downloads()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configfile", required=True, type=Path)
     parser.add_argument("--dry-run", action="store_true", help="list, do not download")

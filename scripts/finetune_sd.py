@@ -1,4 +1,8 @@
-"""Snakemake entry point: stage i, fine-tune the UNet (VAE and text encoder frozen)."""
+"""Snakemake entry point: stage i, fine-tune the UNet (VAE and text encoder frozen).
+
+One process, or resources.finetune_sd.processes processes under accelerate launch (one per GPU);
+rl4med.launch.run_finetune selects each process's device (select_device).
+"""
 
 import sys
 from pathlib import Path
@@ -8,22 +12,25 @@ smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 
 from rl4med.io import run_step
-from rl4med.models.finetune import finetune
-from rl4med.models.sd import load_sd
-from rl4med.runtime import configure_torch
+from rl4med.launch import run
 
 
 def main() -> None:
-    configure_torch(smk.threads, int(smk.params.cfg["seed"]))
-    sd = load_sd(smk.params.base)  # float32 master weights; mixed precision via accelerate
-    finetune(
-        sd,
-        smk.input.manifest,
-        smk.output.model,
-        smk.output.loss,
-        smk.params.checkpoints,
-        smk.params.cfg,
-    )
+    args = {
+        "base": str(smk.params.base),
+        "manifest": str(smk.input.manifest),
+        "model": str(smk.output.model),
+        "loss": str(smk.output.loss),
+        "checkpoints": str(smk.params.checkpoints),
+        "cfg": dict(smk.params.cfg),
+        "image_size": smk.params.image_size,
+        "device": str(smk.params.device),
+        "gpus": int(smk.resources.gpu),
+        "rule": smk.rule,
+        "threads": int(smk.threads),
+        "tracking": dict(smk.params.tracking),
+    }
+    run("finetune", args, int(smk.params.processes))
 
 
 run_step(main, smk.log[0], rule=smk.rule)

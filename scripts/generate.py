@@ -9,15 +9,16 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 
 from rl4med.evaluation.samples import generate_samples
 from rl4med.io import run_step
-from rl4med.models.sd import DTYPES, load_sd, resolve_device
+from rl4med.models.sd import DTYPES, load_sd
 from rl4med.prompts import prompt_from_slug
-from rl4med.runtime import configure_torch
+from rl4med.runtime import configure_torch, select_device
 
 
 def main() -> None:
     cfg = smk.params.cfg
     configure_torch(smk.threads)
-    sd = load_sd(smk.input.model, resolve_device(smk.params.device), DTYPES[smk.params.dtype])
+    device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
+    sd = load_sd(smk.input.model, device, DTYPES[smk.params.dtype])
     generate_samples(
         sd,
         prompt_from_slug(smk.wildcards.prompt),

@@ -11,28 +11,25 @@ import logging
 
 from rl4med.data.manifest import read_manifest
 from rl4med.evaluation.perceptual import load_lpips, lpips_table
-from rl4med.evaluation.samples import read_sample_folders
+from rl4med.evaluation.samples import sample_index
 from rl4med.io import run_step, write_table
-from rl4med.models.sd import resolve_device
-from rl4med.runtime import configure_torch
+from rl4med.runtime import configure_torch, select_device
 
 
 def main() -> None:
     cfg = smk.params.cfg
     configure_torch(smk.threads)
-    model, label = load_lpips(
-        cfg["net"], cfg.get("backbone_weights"), resolve_device(smk.params.device)
-    )
-    images, index = read_sample_folders(list(smk.input.samples))
-    real = read_manifest(smk.input.manifest, "train")
+    device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
+    model, label = load_lpips(cfg["net"], cfg.get("backbone_weights"), device)
     table = lpips_table(
         model,
         label,
-        images,
-        index["prompt"].tolist(),
-        real,
+        sample_index(list(smk.input.samples)),
+        read_manifest(smk.input.manifest, "train"),
         int(cfg["pairs_per_prompt"]),
         int(smk.params.seed),
+        int(smk.params.batch_size),
+        smk.threads,
     )
     table.insert(0, "model", smk.wildcards.model)
     write_table(table, smk.output.table)

@@ -13,18 +13,24 @@ from rl4med.data.manifest import read_manifest
 from rl4med.evaluation.frechet import load_space, real_statistics
 from rl4med.io import run_step
 from rl4med.models.classifier import load_classifier
-from rl4med.models.sd import resolve_device
-from rl4med.runtime import configure_torch
+from rl4med.runtime import configure_torch, select_device
 
 
 def main() -> None:
     configure_torch(smk.threads)
-    device = resolve_device(smk.params.device)
+    device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
     space = load_space(
         smk.params.inception, lambda: load_classifier(smk.input.judge, device), device
     )
     train = read_manifest(smk.input.manifest, "train")
-    counts = real_statistics(train, space, int(smk.params.image_size), smk.output.stats)
+    counts = real_statistics(
+        train,
+        space,
+        int(smk.params.image_size),
+        smk.output.stats,
+        int(smk.params.batch_size),
+        smk.threads,
+    )
     logging.getLogger("rl4med").info("%s statistics of real images: %s", space.label, counts)
 
 

@@ -8,16 +8,12 @@ smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 
 from rl4med.evaluation.report import prompt_grids
-from rl4med.evaluation.samples import read_sample_folders
 from rl4med.io import run_step
 
 
 def main() -> None:
     prompt_grids(
-        read_sample_folders(list(smk.input.sd)),
-        read_sample_folders(list(smk.input.sd_rl)),
-        smk.output.grids,
-        int(smk.params.per_row),
+        list(smk.input.sd), list(smk.input.sd_rl), smk.output.grids, int(smk.params.per_row)
     )
 
 

@@ -10,21 +10,20 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 import logging
 
 from rl4med.evaluation.apr import score_samples
-from rl4med.evaluation.samples import prompts_of, read_sample_folders
+from rl4med.evaluation.samples import iter_samples
 from rl4med.io import run_step, write_table
 from rl4med.models.classifier import load_classifier
-from rl4med.models.sd import resolve_device
-from rl4med.runtime import configure_torch
+from rl4med.runtime import configure_torch, select_device
 
 
 def main() -> None:
     configure_torch(smk.threads)
-    device = resolve_device(smk.params.device)
-    images, index = read_sample_folders(list(smk.input.samples))
+    device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
     classifiers = {
         role: load_classifier(getattr(smk.input, role), device) for role in ("reward", "judge")
     }
-    scores = score_samples(classifiers, images, index, prompts_of(index))
+    batches = iter_samples(list(smk.input.samples), int(smk.params.batch_size), smk.threads)
+    scores = score_samples(classifiers, batches)
     write_table(scores, smk.output.scores)
     for role, part in scores.groupby("classifier"):
         logging.getLogger("rl4med").info(

@@ -11,14 +11,14 @@ from rl4med.figures import save_grid
 from rl4med.io import run_step, write_table
 from rl4med.models.checks import prompt_adherence, single_artifact_prompts
 from rl4med.models.classifier import load_classifier
-from rl4med.models.sd import DTYPES, load_sd, resolve_device
-from rl4med.runtime import configure_torch
+from rl4med.models.sd import DTYPES, load_sd
+from rl4med.runtime import configure_torch, select_device
 
 
 def main() -> None:
     cfg = smk.params.cfg
     configure_torch(smk.threads)
-    device = resolve_device(smk.params.device)
+    device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
     sd = load_sd(smk.input.sd, device, DTYPES[smk.params.dtype])
     classifiers = {
         role: load_classifier(getattr(smk.input, role), device) for role in ("reward", "judge")
@@ -33,6 +33,7 @@ def main() -> None:
         int(cfg["num_steps"]),
         float(cfg["guidance_scale"]),
         int(cfg["seed"]),
+        batch_size=int(cfg["batch_size"]),  # the schema's default: 64
     )
     write_table(table, smk.output.table)
     save_grid(

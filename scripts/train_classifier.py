@@ -1,4 +1,5 @@
-"""Snakemake entry point: train the 6-head attribute classifier (reward or judge)."""
+"""Snakemake entry point: train the 6-head attribute classifier (reward, judge, or a Table 4
+augmentation run) on the rule's device, resuming from its last epoch checkpoint."""
 
 import sys
 from pathlib import Path
@@ -9,13 +10,20 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 
 from rl4med.io import run_step
 from rl4med.models.classifier import train_classifier
-from rl4med.runtime import configure_torch
+from rl4med.runtime import configure_torch, select_device
 
 
 def main() -> None:
     configure_torch(smk.threads, int(smk.params.cfg["seed"]))
     train_classifier(
-        smk.input.manifest, smk.output.model, smk.output.metrics, smk.output.noise, smk.params.cfg
+        smk.input.manifest,
+        smk.output.model,
+        smk.output.metrics,
+        smk.output.noise,
+        smk.params.cfg,
+        device=select_device(smk.params.device, smk.resources.gpu, smk.rule),
+        checkpoint_dir=smk.params.checkpoints,
+        num_workers=smk.threads,
     )
 
 

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 
 from rl4med.io import run_step
 from rl4med.models.vae import pretrain_vae
-from rl4med.runtime import configure_torch
+from rl4med.runtime import configure_torch, select_device
 
 
 def main() -> None:
@@ -21,6 +21,7 @@ def main() -> None:
         smk.params.tiny["kl"],
         smk.params.cfg,
         int(smk.params.tiny["image_size"]),
+        select_device(smk.params.device, smk.resources.gpu, smk.rule),
     )
 
 

@@ -70,6 +70,30 @@ def test_ddim_step_matches_the_posterior_and_the_normal_log_pdf(prediction_type,
     assert (worse < logp).all()
 
 
+def test_given_noise_and_half_precision_keep_the_step_in_float32():
+    s = _scheduler("epsilon")
+    g = torch.Generator().manual_seed(0)
+    x, out, noise = (torch.randn(3, 3, 8, 8, generator=g) for _ in range(3))
+    prev, logp = ddim_step_with_logprob(s, out, 500, x, eta=1.0, noise=noise)
+    ref = s.step(out, 500, x, eta=1.0, variance_noise=noise).prev_sample
+    assert torch.allclose(prev, ref, atol=1e-5)
+    # a bf16 model's output: latents and log-probs stay float32 (a bf16 log-prob would be
+    # rounded to ~1e-2, coarser than DDPO's clip ranges)
+    half_out, half_x = out.bfloat16(), x.bfloat16()
+    prev_h, logp_h = ddim_step_with_logprob(s, half_out, 500, half_x, eta=1.0, noise=noise)
+    assert prev_h.dtype == logp_h.dtype == torch.float32
+    _, again = ddim_step_with_logprob(
+        s, half_out.float(), 500, half_x.float(), eta=1.0, prev_sample=prev_h
+    )
+    assert torch.allclose(again, logp_h, rtol=0, atol=1e-6)
+    # autocast around the step changes nothing: its math runs in float64 outside autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prev_a, logp_a = ddim_step_with_logprob(s, out, 500, x, eta=1.0, noise=noise)
+    assert torch.equal(prev_a, prev) and torch.equal(logp_a, logp)
+    with pytest.raises(ValueError, match="noise of shape"):
+        ddim_step_with_logprob(s, out, 500, x, noise=noise[:2])
+
+
 def test_sample_prediction_and_scalar_timestep():
     s = _scheduler("sample")
     x0 = torch.zeros(2, 3, 4, 4)

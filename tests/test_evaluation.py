@@ -2,6 +2,7 @@
 builders and the augmentation manifest."""
 
 import os
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -13,6 +14,7 @@ from tiny_models import tiny_sd_config
 
 from rl4med.attributes import ATTRIBUTES
 from rl4med.checkpoint import read_state_dict
+from rl4med.data.images import load_image
 from rl4med.data.manifest import read_manifest, write_manifest
 from rl4med.evaluation import paper
 from rl4med.evaluation.apr import (
@@ -31,11 +33,14 @@ from rl4med.evaluation.augmentation import (
 from rl4med.evaluation.frechet import (
     FD_JUDGE_LABEL,
     FID_LABEL,
+    RunningStatistics,
     frechet_distance,
     group_statistics,
     inception_space,
     judge_space,
     load_statistics,
+    model_fd,
+    real_statistics,
     save_statistics,
     statistics,
 )
@@ -45,7 +50,15 @@ from rl4med.evaluation.perceptual import (
     lpips_table,
     pair_with_real,
 )
-from rl4med.evaluation.samples import generate_samples, read_samples, sample_seeds
+from rl4med.evaluation.report import prompt_grids
+from rl4med.evaluation.samples import (
+    generate_samples,
+    iter_samples,
+    prompt_labels,
+    read_samples,
+    sample_index,
+    sample_seeds,
+)
 from rl4med.models.classifier import AttributeClassifier, ClassifierSpec, create_backbone
 from rl4med.models.sd import build_tiny_sd
 from rl4med.prompts import all_prompts, prompt_from_slug
@@ -78,9 +91,8 @@ def test_apr_is_exact_match_of_all_six_attributes_including_no_artifact_prompts(
             [1, 0, 1, 0, 0, 0],  # ink missing
         ]
     )
-    prompts = [prompt_from_slug(s) for s in slugs]
     scores = score_samples(
-        {"judge": FixedPredictions(preds)}, np.zeros((6, 8, 8, 3), np.uint8), _index(slugs), prompts
+        {"judge": FixedPredictions(preds)}, [(np.zeros((6, 8, 8, 3), np.uint8), _index(slugs))]
     )
     assert scores["exact"].tolist() == [1, 0, 0, 1, 1, 0]
     assert scores["r_A"].tolist() == pytest.approx([1, 5 / 6, 4 / 6, 1, 1, 5 / 6])
@@ -93,13 +105,12 @@ def test_apr_is_exact_match_of_all_six_attributes_including_no_artifact_prompts(
 
 def test_paired_change_requires_pairs_and_gives_an_interval():
     slugs = ["nv__none"] * 50
-    prompts = [prompt_from_slug(s) for s in slugs]
     right = np.tile([0, 1, 0, 0, 0, 0], (50, 1))
     wrong = right.copy()
     wrong[:30, 2] = 1  # SD draws unwanted hair in 30 of 50 samples
     img = np.zeros((50, 4, 4, 3), np.uint8)
-    sd = score_samples({"judge": FixedPredictions(wrong)}, img, _index(slugs), prompts)
-    rl = score_samples({"judge": FixedPredictions(right)}, img, _index(slugs), prompts)
+    sd = score_samples({"judge": FixedPredictions(wrong)}, [(img, _index(slugs))])
+    rl = score_samples({"judge": FixedPredictions(right)}, [(img, _index(slugs))])
     change = paired_change(sd, rl, n_boot=500).set_index("metric")
     assert change.loc["APR", "SD"] == pytest.approx(0.4)
     assert change.loc["APR", "SD+RL"] == 1.0
@@ -220,6 +231,70 @@ def test_fd_on_judge_features_is_zero_for_a_set_against_itself_and_grows_with_a_
     assert np.array_equal(loaded["MEL"]["sigma"], stats["MEL"]["sigma"])
 
 
+def test_running_statistics_equal_torch_fidelity_on_all_features_at_once():
+    rng = np.random.default_rng(0)
+    # a large mean: a naive sum of outer products would lose digits to it
+    a = rng.normal(40.0, 0.5, (301, 24)) * rng.uniform(0.5, 2, 24)
+    b = rng.normal(39.0, 0.7, (257, 24))
+    streamed = []
+    for x in (a, b):
+        acc = RunningStatistics()
+        for part in np.split(x, [1, 8, 72, 200]):  # uneven batches, one of a single row
+            acc.update(part)
+        streamed.append(acc.result())
+        whole = statistics(x)  # torch-fidelity's fid_features_to_statistics
+        assert acc.n == len(x)
+        assert np.abs(acc.result()["mu"] - whole["mu"]).max() <= 1e-10 * np.abs(whole["mu"]).max()
+        err = np.abs(acc.result()["sigma"] - whole["sigma"]).max()
+        assert err <= 1e-10 * np.abs(whole["sigma"]).max()
+    fd_streamed = frechet_distance(*streamed)
+    fd_whole = frechet_distance(statistics(a), statistics(b))
+    assert fd_streamed == pytest.approx(fd_whole, rel=1e-10)
+    with pytest.raises(ValueError, match="at least 2 images per group, got 1"):
+        one = RunningStatistics()
+        one.update(a[:1])
+        one.result()
+
+
+def test_fd_and_real_statistics_streamed_equal_one_batch(tmp_path):
+    judge = _judge()
+    space = judge_space(judge)
+    manifest = _real_manifest(tmp_path)
+    train = read_manifest(manifest)  # every split: 5 images, 2 MEL and 3 NV
+    real_statistics(train, space, 32, tmp_path / "real.npz", batch_size=2)
+    stats, counts, _ = load_statistics(tmp_path / "real.npz")
+    images = np.stack([load_image(p, 32) for p in train["path"]])
+    whole, whole_counts = group_statistics(
+        space.extract(images), train[list(ATTRIBUTES)].to_numpy()
+    )
+    assert counts == whole_counts == {"all": 5, "MEL": 2, "NV": 3}
+    for g in whole:  # equal up to the judge's float32 features, which vary with the batch size
+        scale = np.abs(whole[g]["sigma"]).max()
+        assert np.abs(stats[g]["sigma"] - whole[g]["sigma"]).max() <= 1e-5 * scale
+    samples = _images(6, 4)
+    folders = [
+        _sample_folder(tmp_path / "s" / "mel__hair", "mel__hair", samples[:3]),
+        _sample_folder(tmp_path / "s" / "nv__none", "nv__none", samples[3:]),
+    ]
+    batches = ((x, prompt_labels(i)) for x, i in iter_samples(folders, batch_size=2))
+    streamed = model_fd(tmp_path / "real.npz", space, batches).set_index("group")
+    labels = prompt_labels(sample_index(folders))
+    at_once = model_fd(tmp_path / "real.npz", space, [(samples, labels)]).set_index("group")
+    assert streamed["n_generated"].to_dict() == {"all": 6, "MEL": 3, "NV": 3}
+    assert np.allclose(streamed["value"], at_once["value"], rtol=1e-5)
+    assert (streamed["value"] > 0).all()
+
+
+def test_scores_do_not_depend_on_the_batches(tmp_path):
+    images = _images(7, 5)
+    folder = _sample_folder(tmp_path / "mel__hair", "mel__hair", images)
+    judge = _judge()
+    streamed = score_samples({"judge": judge}, iter_samples([folder], batch_size=3))
+    at_once = score_samples({"judge": judge}, [(images, sample_index([folder]))])
+    pd.testing.assert_frame_equal(streamed, at_once)
+    assert streamed["sample"].tolist() == list(range(7))
+
+
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
     """A random-weight Inception file in torch-fidelity's format, BatchNorm calibrated.
@@ -323,6 +398,17 @@ def _real_manifest(tmp_path):
     return tmp_path / "manifest.csv"
 
 
+def _sample_folder(folder, slug, images, first_seed=0):
+    """A generate job's folder written directly: PNGs and index.csv."""
+    folder.mkdir(parents=True)
+    rows = []
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:05d}.png")
+        rows.append({"file": f"{i:05d}.png", "prompt": slug, "sample": i, "seed": first_seed + i})
+    pd.DataFrame(rows).to_csv(folder / "index.csv", index=False)
+    return str(folder)
+
+
 def test_lpips_pairs_only_real_images_of_the_same_labels(tmp_path):
     real = read_manifest(_real_manifest(tmp_path))
     prompts = ["nv__none"] * 3 + ["mel__ink"] * 2
@@ -331,11 +417,61 @@ def test_lpips_pairs_only_real_images_of_the_same_labels(tmp_path):
     assert all("nv__none" in p for _, p in pairs)
     assert pair_with_real(prompts, real, 2, seed=0) == pairs  # seeded
     model, label = load_lpips("alex", None, torch.device("cpu"))
-    table = lpips_table(model, label, _images(5, 7), prompts, real, 2, 0).set_index("prompt")
+    samples = _images(5, 7)
+    folders = [
+        _sample_folder(tmp_path / "s" / "nv__none", "nv__none", samples[:3]),
+        _sample_folder(tmp_path / "s" / "mel__ink", "mel__ink", samples[3:]),
+    ]
+    table = lpips_table(model, label, sample_index(folders), real, 2, 0, batch_size=1)
+    table = table.set_index("prompt")
     assert table.loc["nv__none", "n_pairs"] == 2
     assert table.loc["nv__none", "n_real_candidates"] == 3
     assert table.loc["mel__ink", "n_pairs"] == 0 and np.isnan(table.loc["mel__ink", "lpips"])
     assert (table["metric"] == label).all()
+    # streamed pair by pair: the same number as the pairs held in memory
+    partners = np.stack([load_image(p, 32) for _, p in pairs])
+    direct = lpips_distances(model, samples[[r for r, _ in pairs]], partners).mean()
+    assert table.loc["nv__none", "lpips"] == pytest.approx(direct, rel=1e-6)
+
+
+def test_iter_samples_streams_batches_per_folder_in_index_order(tmp_path):
+    images = _images(5, 3)
+    folders = [
+        _sample_folder(tmp_path / "a", "mel__hair", images[:3]),
+        _sample_folder(tmp_path / "b", "nv__none", images[3:], first_seed=10),
+    ]
+    batches = list(iter_samples(folders, batch_size=2))
+    assert [len(x) for x, _ in batches] == [2, 1, 2]  # a batch never spans two folders
+    assert np.array_equal(np.concatenate([x for x, _ in batches]), images)
+    rows = pd.concat([i for _, i in batches], ignore_index=True)
+    assert rows["seed"].tolist() == [0, 1, 2, 10, 11]
+    assert rows["path"].tolist() == sample_index(folders)["path"].tolist()
+    assert prompt_labels(rows)[0].tolist() == [1, 0, 1, 0, 0, 0]
+    in_workers = list(iter_samples(folders, batch_size=2, num_workers=2))
+    assert all(np.array_equal(x, y) for (x, _), (y, _) in zip(batches, in_workers, strict=True))
+    first, index = read_samples(folders[0], limit=2)
+    assert np.array_equal(first, images[:2]) and len(index) == 2
+    bad = tmp_path / "b" / "00001.png"
+    bad.write_bytes(b"not a png")
+    for workers in (0, 1):  # a worker's error keeps its one-line message
+        with pytest.raises(ValueError) as err:
+            list(iter_samples(folders, batch_size=2, num_workers=workers))
+        assert str(err.value).startswith(f"{bad}: cannot read sample image")
+        assert "Traceback" not in str(err.value)
+
+
+def test_prompt_grids_read_only_the_samples_they_show(tmp_path):
+    sd = [_sample_folder(tmp_path / "sd" / "nv__none", "nv__none", _images(4, 0))]
+    rl = [_sample_folder(tmp_path / "rl" / "nv__none", "nv__none", _images(4, 1))]
+    for folder in (*sd, *rl):  # samples beyond the grid's row: never opened
+        (Path(folder) / "00003.png").write_bytes(b"not a png")
+    prompt_grids(sd, rl, tmp_path / "grids", per_row=2)
+    with Image.open(tmp_path / "grids" / "nv__none.png") as grid:
+        assert grid.size[1] == 2 * 2 * 32  # two rows of 2x-scaled tiles
+    other = [_sample_folder(tmp_path / "o" / "nv__none", "nv__none", _images(4, 1), 5)]
+    with pytest.raises(ValueError, match="do not share seeds"):
+        prompt_grids(sd, other, tmp_path / "g2", per_row=2)
+    assert not (tmp_path / "g2").exists()
 
 
 def test_augmentation_labels_come_from_the_prompts(tmp_path):

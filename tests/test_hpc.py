@@ -12,7 +12,7 @@ import yaml
 from spython.main.parse.parsers import SingularityParser
 from test_workflow import REPO, jobs, load, snakemake, write_config
 
-from rl4med.weights import required_weights
+from rl4med.weights import SD15_REPO, Weight, fetch, required_weights
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 REQUIREMENT = re.compile(r"^([A-Za-z0-9_.\-]+)\s*((?:[<>=!~]=?|===)\s*\S.*)$")
@@ -49,19 +49,49 @@ def test_every_dependency_is_pinned():
     assert PROJECT_PINS["torch"] == "==2.14.1" and PROJECT_PINS["torchvision"] == "==0.29.1"
 
 
+def constraints():
+    """name -> exact version of containers/constraints.txt (the tested environment)."""
+    lines = (REPO / "containers/constraints.txt").read_text().splitlines()
+    pairs = [line.split("==") for line in lines if line and not line.startswith("#")]
+    assert all(len(pair) == 2 for pair in pairs), "only name==version lines"
+    return {name.lower().replace("_", "-"): version for name, version in pairs}
+
+
 def test_container_definition_pins_what_pyproject_pins():
     recipe = next(iter(SingularityParser(str(REPO / "containers/rl4med.def")).recipe.values()))
-    assert "cuda" in recipe.fromHeader and "cudnn" in recipe.fromHeader
+    # torch's PyPI wheel brings CUDA 13 itself: a plain Python base, not a second CUDA
+    assert recipe.fromHeader.startswith("python:3.11") and "cuda" not in recipe.fromHeader
     installed = pins(re.findall(r'"([^"]+)"', "\n".join(recipe.install)))
     assert installed == PROJECT_PINS
+    # every pip install of a dependency is held to the tested versions
+    pip_installs = [line for line in recipe.install if "pip install" in line]
+    deps = [
+        line for line in pip_installs if "--upgrade pip" not in line and "--no-deps" not in line
+    ]
+    assert len(deps) == 2 and all("-c /opt/rl4med/constraints.txt" in line for line in deps)
+    assert "containers/constraints.txt /opt/rl4med/constraints.txt" in recipe.files
     assert "HF_HUB_OFFLINE=1" in recipe.environ
     assert any("org.opencontainers.image.version 0.1.0" in label for label in recipe.labels)
     # spython turns %test into a /tests.sh written during the build
     assert "tests.sh" in recipe.test
     test = "\n".join(line for line in recipe.install if "/tests.sh" in line)
     assert "import rl4med" in test and "torch.cuda.is_available()" in test
+    assert "/dev/nvidia0" in test and "exit 1" in test  # a visible but unusable GPU fails
     text = (REPO / "containers/rl4med.def").read_text()
     assert "%help" in text and "pip install --no-cache-dir --no-deps /opt/rl4med" in text
+    assert "driver >= 580" in text.split("%help")[1].split("%files")[0]
+
+
+def test_constraints_are_the_tested_versions_within_pyproject_pins():
+    from packaging.specifiers import SpecifierSet
+
+    pinned = constraints()
+    assert "rl4med" not in pinned
+    for name, specifier in PROJECT_PINS.items():
+        assert name in pinned, name
+        assert pinned[name] in SpecifierSet(specifier), f"{name} {pinned[name]} not {specifier}"
+    # torch's CUDA 13 libraries are held too (the wheel's CUDA user space)
+    assert "nvidia-cudnn-cu13" in pinned and "nvidia-nccl-cu13" in pinned
 
 
 @pytest.mark.parametrize("env", sorted(p.name for p in (REPO / "envs").glob("*.yaml")))
@@ -115,10 +145,20 @@ def rule_resources(stdout):
     return out
 
 
+def test_the_slurm_profile_leaves_gpu_counts_to_the_config():
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    per_rule = profile.get("set-resources") or {}
+    assert "gpu" not in profile.get("default-resources", {})
+    assert not [rule for rule, res in per_rule.items() if {"gpu", "gpus"} & set(res)]
+
+
 def test_paper_scale_config_with_the_slurm_profile(isic, monkeypatch, apptainer_version_only):
     tmp, _, _, data = isic
     cfg = load("config/isic2019-sd15.yaml")
     cfg["data"]["isic2019"].update(data)
+    # GPU counts of the config reach the Slurm jobs (--gpus=N), e.g. DDPO on 4 GPUs
+    cfg["resources"]["ddpo"]["gpus"] = 4
+    cfg["resources"]["finetune_sd"]["gpus"] = 2
     monkeypatch.setenv("RL4MED_SLURM_PARTITION", "gpu")
     monkeypatch.setenv("RL4MED_SLURM_ACCOUNT", "proj42")
     proc = snakemake(
@@ -138,13 +178,17 @@ def test_paper_scale_config_with_the_slurm_profile(isic, monkeypatch, apptainer_
         want = cfg["resources"].get(rule, {})
         assert res["slurm_partition"] == "gpu" and res["slurm_account"] == "proj42", rule
         if rule in GPU_RULES:
-            assert res.get("gpu") == "1", rule
+            assert int(res["gpu"]) == want["gpus"], rule
             assert int(res["mem_mb"]) == want["mem_mb"], rule
             assert int(res["runtime"]) == want["runtime"], rule
         else:
             assert res.get("gpu", "0") == "0", rule
     generate = [res for rule, res in listing if rule == "generate"]
     assert len(generate) == 64 and all(res["gpu"] == "1" for res in generate)
+    assert [res["gpu"] for rule, res in listing if rule in ("ddpo", "finetune_sd")] in (
+        ["2", "4"],
+        ["4", "2"],
+    )
 
 
 def test_apptainer_deployment_is_accepted_in_a_dry_run(tmp_path, apptainer_version_only):
@@ -183,3 +227,27 @@ def test_fetch_weights_lists_every_weight_of_the_paper_config():
         check=True,
     )
     assert "stable-diffusion-v1-5 <- hf:" in proc.stdout and "(missing)" in proc.stdout
+    # timm weights by the tag their destination folder names, not timm's current default
+    sources = {w.key: w.source for w in weights}
+    assert sources["classifier.reward.pretrained_file"] == "timm:efficientnet_b0.ra_in1k"
+    assert sources["classifier.judge.pretrained_file"] == "timm:resnet50.a1_in1k"
+
+
+def test_fetch_completes_a_partial_hub_folder_with_offline_mode_set(tmp_path, monkeypatch):
+    """The container sets HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE; fetching must go online and
+    hand an existing (possibly partial) folder to snapshot_download, which resumes it."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append((repo, kw))
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    partial = tmp_path / "sd15"
+    (partial / "unet").mkdir(parents=True)  # what an interrupted download leaves
+    fetch(Weight("sd.path", str(partial), f"hf:{SD15_REPO}"))
+    assert [(repo, kw["local_dir"]) for repo, kw in calls] == [(SD15_REPO, partial)]
+    assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False

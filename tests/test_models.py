@@ -8,10 +8,12 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import save_file
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from tiny_models import tiny_sd_config
 from transformers import AutoTokenizer
 
+import rl4med.models.classifier as classifier_mod
 import rl4med.models.finetune as finetune_mod
 from rl4med.attributes import ATTRIBUTES
 from rl4med.data.synthetic import generate_dataset
@@ -24,7 +26,7 @@ from rl4med.models.classifier import (
     train_classifier,
     tune_thresholds,
 )
-from rl4med.models.finetune import finetune
+from rl4med.models.finetune import finetune, restore_ema
 from rl4med.models.sd import ModelFolderError, StableDiffusion, build_tiny_sd, load_sd
 from rl4med.models.tokenizer import train_prompt_tokenizer
 from rl4med.prompts import all_prompts
@@ -66,7 +68,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def classifier_dir(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("clf")
-    train_classifier(data, out / "model", out / "test.tsv", out / "noise.tsv", CLASSIFIER)
+    outputs = (out / "model", out / "test.tsv", out / "noise.tsv")
+    train_classifier(data, *outputs, CLASSIFIER, checkpoint_dir=out / "ckpt")
     return out
 
 
@@ -177,12 +180,48 @@ def test_pickled_unet_weights_are_refused(tmp_path):
         load_sd(tmp_path / "sd")
 
 
+def test_image_size_is_set_on_loading_and_kept_by_the_saved_model(tmp_path, caplog):
+    _with_kl_vae(build_tiny_sd(TINY, 32)).save_pretrained(tmp_path / "sd")
+    # 4x autoencoder x 2x UNet: sizes must be multiples of 8
+    with pytest.raises(ValueError, match="sd.image_size 36: must be a multiple of 8"):
+        load_sd(tmp_path / "sd", image_size=36)
+    with caplog.at_level("INFO"):
+        sd = load_sd(tmp_path / "sd", image_size=48)
+    assert "image size 32 px -> 48 px" in caplog.text
+    assert sd.image_size == 48 and sd.unet.config.sample_size == 12
+    assert _unet_out(sd).shape[-1] == 12
+    sd.save_pretrained(tmp_path / "trained")
+    assert load_sd(tmp_path / "trained").image_size == 48
+
+
+def test_saved_model_opens_as_a_diffusers_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    _with_kl_vae(build_tiny_sd(TINY, 32)).save_pretrained(tmp_path / "sd")
+    index = json.loads((tmp_path / "sd" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", local_files_only=True)
+    images = pipe(
+        all_prompts()[3].text, num_inference_steps=2, height=32, width=32, output_type="np"
+    ).images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    # the tiny patch autoencoder is no diffusers model: the index names rl4med's loader
+    build_tiny_sd(TINY, 32).save_pretrained(tmp_path / "tiny")
+    index = json.loads((tmp_path / "tiny" / "model_index.json").read_text())
+    assert index["_loader"] == "rl4med.models.sd.load_sd"
+    assert index["vae"] == ["rl4med.models.autoencoder", "PatchAutoencoder"]
+
+
 # ------------------------------------------------------------------------------ stage i
 
 
-def _finetune(sd, data, tmp_path, **kw):
+def _finetune(sd, data, tmp_path, device=None, **kw):
     cfg = {**FINETUNE, **kw}
-    return finetune(sd, data, tmp_path / "out", tmp_path / "loss.tsv", tmp_path / "ckpt", cfg)
+    return finetune(
+        sd, data, tmp_path / "out", tmp_path / "loss.tsv", tmp_path / "ckpt", cfg, device=device
+    )
 
 
 def test_finetune_loss_decreases_and_frozen_parts_do_not_change(data, tmp_path):
@@ -244,6 +283,41 @@ def test_checkpoints_of_another_configuration_are_not_resumed(data, tmp_path, ca
     assert "belongs to another configuration" in caplog.text
 
 
+def test_resumed_ema_follows_the_parameters_device():
+    """A checkpoint is read on the CPU; the EMA must move to where the parameters are (the
+    meta device stands in for a GPU here)."""
+    params = [torch.nn.Parameter(torch.zeros(3, device="meta"))]
+    ema = EMAModel(params, decay=0.9)
+    saved = EMAModel([torch.nn.Parameter(torch.ones(3))], decay=0.9)
+    saved.optimization_step = 7
+    restore_ema(ema, saved.state_dict(), params[0].device)
+    assert ema.optimization_step == 7
+    assert [p.device.type for p in ema.shadow_params] == ["meta"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_finetune_on_a_gpu_resumes_with_ema_and_loss_scale(data, tmp_path, monkeypatch):
+    cuda = torch.device("cuda")
+    kw = {"ema_decay": 0.9, "mixed_precision": "fp16"}
+    calls = {"n": 0}
+    real_loss = finetune_mod.diffusion_loss
+
+    def dying_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_mod, "diffusion_loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        _finetune(build_tiny_sd(TINY, 32), data, tmp_path, device=cuda, **kw)
+    extra = torch.load(tmp_path / "ckpt" / "step_00000003" / "optimizer.pt", weights_only=True)
+    assert extra["grad_scaler"]["scale"] > 0
+    monkeypatch.setattr(finetune_mod, "diffusion_loss", real_loss)
+    curve = _finetune(build_tiny_sd(TINY, 32), data, tmp_path, device=cuda, **kw)
+    assert curve["step"].tolist() == list(range(1, 7)) and np.isfinite(curve["loss"]).all()
+
+
 # ------------------------------------------------------------------------------ classifier
 
 
@@ -264,6 +338,39 @@ def test_classifier_learns_the_synthetic_attributes(classifier_dir):
     assert noise["noise_sigma"].tolist() == [0.0, 0.05, 0.1, 0.2]
 
 
+def test_classifier_training_resumes_after_a_kill_and_ends_identical(
+    classifier_dir, data, tmp_path, monkeypatch, caplog
+):
+    from rl4med.data.manifest import read_manifest
+
+    per_epoch = len(read_manifest(data, "train")) // CLASSIFIER["batch_size"]
+    real_augment, calls = classifier_mod.augment, {"n": 0}
+
+    def dying_augment(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == per_epoch + 3:  # killed during epoch 2, after epoch 1's checkpoint
+            raise KeyboardInterrupt("killed")
+        return real_augment(*args, **kw)
+
+    run = tmp_path / "run"
+    outputs = (run / "model", run / "test.tsv", run / "noise.tsv")
+    monkeypatch.setattr(classifier_mod, "augment", dying_augment)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(data, *outputs, CLASSIFIER, checkpoint_dir=run / "ckpt")
+    assert not (run / "model").exists()
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["step_00000001"]
+    monkeypatch.setattr(classifier_mod, "augment", real_augment)
+    with caplog.at_level("INFO"):  # resumed with DataLoader workers: the same batches
+        train_classifier(data, *outputs, CLASSIFIER, checkpoint_dir=run / "ckpt", num_workers=2)
+    assert "resuming classifier training from" in caplog.text and "step_00000001" in caplog.text
+    ref, again = (load_file(d / "model" / "model.safetensors") for d in (classifier_dir, run))
+    assert ref.keys() == again.keys() and all(torch.equal(ref[k], again[k]) for k in ref)
+    for name in ("model/classifier.json", "test.tsv", "noise.tsv"):
+        assert (run / name).read_text() == (classifier_dir / name).read_text(), name
+    # a finished run's checkpoint says so: a re-run only rewrites the outputs
+    assert sorted(p.name for p in (run / "ckpt").iterdir())[-1] == "step_00000003"
+
+
 def test_saved_thresholds_are_used(classifier_dir, data, tmp_path):
     from rl4med.data.images import ManifestImages
     from rl4med.data.manifest import read_manifest
@@ -274,6 +381,10 @@ def test_saved_thresholds_are_used(classifier_dir, data, tmp_path):
     assert clf.thresholds.tolist() == pytest.approx(spec["thresholds"])
     probs = clf.predict_proba(x)
     assert np.array_equal(clf.predict(x), (probs >= np.array(spec["thresholds"])).astype(int))
+    # uint8 images as samples are stored, converted batch by batch: the same outputs
+    u8 = ((x + 1) * 127.5).round().to(torch.uint8)
+    assert np.allclose(clf.predict_proba(u8.permute(0, 2, 3, 1).numpy(), batch_size=7), probs)
+    assert np.allclose(clf.predict_proba(u8, batch_size=64), probs, atol=1e-6)
     shutil.copytree(classifier_dir / "model", tmp_path / "m")
     spec["thresholds"] = [0.999] * 6
     (tmp_path / "m" / "classifier.json").write_text(json.dumps(spec))
@@ -375,9 +486,33 @@ def test_autoencoder_check_reports_both_rates(classifier_dir, data):
     assert table["exact_match"].iloc[0] > 0.3
     assert table["exact_match"].iloc[1] == table["exact_match"].iloc[0]  # lossless patches
     assert table["ratio_to_original"].iloc[1] == 1.0
+    assert table["mse"].tolist() == [0.0, 0.0]
     lossy = _with_kl_vae(build_tiny_sd(TINY, 32))  # a random KL autoencoder destroys images
     bad = autoencoder_check(lossy, load_classifier(classifier_dir / "model"), data)
-    assert bad["ratio_to_original"].iloc[1] < 0.5
+    assert bad["ratio_to_original"].iloc[1] < 0.5 and bad["mse"].iloc[1] > 0.01
+    # streamed in other batches, read by DataLoader workers: the same table
+    again = autoencoder_check(
+        lossy, load_classifier(classifier_dir / "model"), data, batch_size=7, num_workers=2
+    )
+    pd.testing.assert_frame_equal(again, bad, rtol=1e-5)
+
+
+def test_prompt_adherence_keeps_only_the_grid_and_does_not_depend_on_batches(classifier_dir):
+    from rl4med.models.checks import prompt_adherence
+    from rl4med.prompts import Prompt
+
+    sd = build_tiny_sd(TINY, 32)
+    classifiers = {"reward": load_classifier(classifier_dir / "model")}
+    prompts = [Prompt("MEL", ()), Prompt("NV", ("hair",))]
+    args = (sd, classifiers, prompts, 3, 2, 2.0)
+    table, grid = prompt_adherence(*args, seed=4, batch_size=4, grid_per_prompt=2)
+    assert grid.shape == (4, 32, 32, 3)  # the first 2 samples of each prompt, prompt-major
+    seeds = [4_000_000 + k for k in (0, 1, 3, 4)]
+    expected = sample_images(sd, [prompts[0]] * 2 + [prompts[1]] * 2, seeds, 2, 2.0)
+    assert np.array_equal(grid, expected)
+    whole, _ = prompt_adherence(*args, seed=4, batch_size=64)
+    pd.testing.assert_frame_equal(table, whole)
+    assert table["n"].tolist() == [3, 3]
 
 
 def test_vae_pretrain_learns_and_sets_the_scaling_factor(data, tmp_path):

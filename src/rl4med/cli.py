@@ -31,15 +31,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from rl4med.evaluation.samples import generate_samples, read_samples
     from rl4med.figures import save_grid
-    from rl4med.models.sd import DTYPES, load_sd, resolve_device
+    from rl4med.models.sd import DTYPES, load_sd
     from rl4med.prompts import to_prompt
+    from rl4med.runtime import select_device
 
     prompt = to_prompt(args.prompt)
     if args.n < 1:
         raise ValueError(f"-n must be at least 1, got {args.n}")
     if args.out.suffix.lower() != ".png":
         raise ValueError(f"--out {args.out}: the grid is written as PNG; give a .png path")
-    sd = load_sd(args.model, resolve_device(args.device), DTYPES[args.dtype])
+    sd = load_sd(args.model, select_device(args.device), DTYPES[args.dtype])
     folder = args.samples_dir or args.out.with_suffix("")
     generate_samples(
         sd, prompt, args.n, args.seed, args.steps, args.guidance, args.eta, args.batch_size, folder
@@ -62,10 +63,10 @@ def cmd_score(args: argparse.Namespace) -> None:
     from rl4med.data.images import load_image
     from rl4med.ddpo.reward import AttributeReward
     from rl4med.models.classifier import load_classifier
-    from rl4med.models.sd import resolve_device
     from rl4med.prompts import to_prompt
+    from rl4med.runtime import select_device
 
-    clf = load_classifier(args.classifier, resolve_device(args.device))
+    clf = load_classifier(args.classifier, select_device(args.device))
     size = clf.spec.image_size
     images = np.stack([load_image(str(p), size) for p in args.images])
     table = pd.DataFrame(clf.predict(images), columns=list(ATTRIBUTES))

@@ -24,6 +24,17 @@ def initial_noise(sd: StableDiffusion, seeds: Sequence[int]) -> torch.Tensor:
     )
 
 
+def step_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One generator per sample for the noise of its DDIM steps (eta > 0), seeded from its seed:
+    a chain's noise does not depend on the batch, the chunk or the process it runs in."""
+    return [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
+
+
+def step_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
+    """The next standard-normal draw of each sample's generator: (B, *shape) float32, CPU."""
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
+
+
 def guided_output(
     unet: torch.nn.Module,
     x: torch.Tensor,
@@ -80,12 +91,11 @@ def _sample_batch(
     cond = sd.encode_prompts(texts).to(dtype)
     uncond = sd.encode_prompts([""]).to(dtype).expand_as(cond)
     latents = initial_noise(sd, seeds).to(device, dtype) * sched.init_noise_sigma
-    gens = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
+    gens = step_generators(seeds)
     for t in sched.timesteps:
         pred = guided_output(sd.unet, latents, t.reshape(1), cond, uncond, guidance_scale)
         noise = None
         if eta > 0:
-            noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
-            noise = noise.to(device, dtype)
+            noise = step_noise(gens, latents.shape[1:]).to(device, dtype)
         latents = sched.step(pred, t, latents, eta=eta, variance_noise=noise).prev_sample
     return to_uint8(sd.decode_latents(latents.to(sd.vae.dtype)).float())

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ def make_accelerator(
             raise ValueError(f"tracking.log_with {log_with!r} needs a logging folder")
         Path(logging_dir).mkdir(parents=True, exist_ok=True)
         kwargs.update(log_with=log_with, project_dir=str(logging_dir))
+    # accelerate keeps the mixed precision of the first Accelerator of a process and refuses
+    # another; a process that trains twice (tests, notebooks) starts each run afresh. The
+    # process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision, **kwargs)
 
 

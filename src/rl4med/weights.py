@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,11 +43,35 @@ TORCHVISION_URLS = {
 }
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
 @dataclass(frozen=True)
 class Weight:
     key: str  # the config key that names the destination
     destination: str
-    source: str  # an URL, "hf:<repo>" (a folder) or "timm:<architecture>" (model.safetensors)
+    # an URL, "hf:<repo>" (a folder) or "timm:<architecture>[.<tag>]" (model.safetensors)
+    source: str
+
+
+def allow_downloads() -> None:
+    """Undo the workflow's offline mode (the container and the Makefile set it) for fetching.
+
+    huggingface_hub reads HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE once, when it is imported:
+    clear them first, and its constant too if it was imported already.
+    """
+    for name in OFFLINE_VARIABLES:
+        os.environ.pop(name, None)
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = False
+
+
+def timm_source(architecture: str, destination: str) -> str:
+    """``timm:<architecture>.<tag>`` when the destination folder names a tag (as the configs'
+    ``.../efficientnet_b0.ra_in1k/model.safetensors`` do), so the file holds exactly those
+    weights even if timm's default tag of the architecture changes; else the default."""
+    folder = Path(destination).parent.name
+    return f"timm:{folder}" if folder.startswith(f"{architecture}.") else f"timm:{architecture}"
 
 
 def required_weights(config: Mapping[str, Any]) -> list[Weight]:
@@ -60,11 +85,8 @@ def required_weights(config: Mapping[str, Any]) -> list[Weight]:
     for role, cfg in roles.items():
         if cfg.get("pretrained_file"):
             key = "augmentation.classifier" if role == "augmentation" else f"classifier.{role}"
-            out.append(
-                Weight(
-                    f"{key}.pretrained_file", cfg["pretrained_file"], f"timm:{cfg['architecture']}"
-                )
-            )
+            source = timm_source(cfg["architecture"], cfg["pretrained_file"])
+            out.append(Weight(f"{key}.pretrained_file", cfg["pretrained_file"], source))
     evaluation = config.get("evaluation", {})
     if evaluation.get("fid", {}).get("inception_weights"):
         out.append(
@@ -90,24 +112,34 @@ def required_weights(config: Mapping[str, Any]) -> list[Weight]:
 
 
 def fetch(weight: Weight) -> None:
-    """Download one weight to its destination (atomically); an existing one is kept."""
+    """Download one weight to its destination.
+
+    A Hugging Face folder is always passed to ``snapshot_download``, which skips complete
+    files and fetches what an interrupted download left out; a single file is written
+    atomically and an existing one is kept.
+    """
+    allow_downloads()
     dest = Path(weight.destination)
-    if dest.exists():
-        log.info("%s: %s exists, kept", weight.key, dest)
-        return
     if weight.source.startswith("hf:"):
         from huggingface_hub import snapshot_download
 
-        os.environ.pop("HF_HUB_OFFLINE", None)
         snapshot_download(weight.source[3:], allow_patterns=SD15_PATTERNS, local_dir=dest)
-    elif weight.source.startswith("timm:"):
+        log.info("%s: %s complete (%s)", weight.key, dest, weight.source)
+        return
+    if dest.exists():
+        log.info("%s: %s exists, kept", weight.key, dest)
+        return
+    if weight.source.startswith("timm:"):
         import timm
         from huggingface_hub import hf_hub_download
 
-        os.environ.pop("HF_HUB_OFFLINE", None)
-        cfg = timm.models.get_pretrained_cfg(weight.source[5:])
+        name = weight.source[5:]
+        try:
+            cfg = timm.models.get_pretrained_cfg(name)
+        except RuntimeError as err:  # an unknown tag
+            raise ValueError(f"{weight.key}: {err}") from None
         if cfg is None or not cfg.hf_hub_id:
-            raise ValueError(f"{weight.key}: timm has no hub weights for {weight.source[5:]!r}")
+            raise ValueError(f"{weight.key}: timm has no hub weights for {name!r}")
         path = hf_hub_download(cfg.hf_hub_id, "model.safetensors")
         with atomic_path(dest) as tmp:
             tmp.write_bytes(Path(path).read_bytes())

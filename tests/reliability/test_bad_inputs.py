@@ -171,8 +171,8 @@ def test_non_finite_rewards_skip_the_iteration_and_training_goes_on(tmp_path, ca
         )
     assert calls["n"] == 3
     assert curve["iteration"].tolist() == [3]  # iterations 1 and 2 were skipped
-    assert "iteration 0: 1 non-finite rewards; the iteration is skipped" in caplog.text
-    assert "iteration 1: 1 non-finite rewards" in caplog.text
+    assert "iteration 1: 1 non-finite rewards; the iteration is skipped" in caplog.text
+    assert "iteration 2: 1 non-finite rewards" in caplog.text
     assert (tmp_path / "m/unet").is_dir()
 
 

@@ -7,7 +7,8 @@ and a GPU step reads its batches through DataLoader workers (``batch_loader``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -97,3 +98,47 @@ def batch_loader(
         num_workers=max(0, int(num_workers)),
         pin_memory=pin_memory,
     )
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of an epoch: a function of (seed, epoch) only, not of earlier draws."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def manifest_loader(
+    df: pd.DataFrame,
+    size: int,
+    batch_size: int,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    order: Sequence[int] | None = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """(uint8 (B, 3, size, size), labels (B, 6)) batches of a manifest's rows in ``order``."""
+    order = range(len(df)) if order is None else order
+    cuda = torch.device(device).type == "cuda"
+    return batch_loader(
+        ManifestImages(df, size),
+        order,
+        batch_size,
+        num_workers,
+        pin_memory=cuda,
+        drop_last=drop_last,
+    )
+
+
+def loader_batches(loader: DataLoader) -> Iterator[Any]:
+    """The batches of ``loader``; bad input read in a worker process keeps its one-line message.
+
+    DataLoader re-raises a worker's exception wrapped in the worker's traceback, which would turn
+    "<file>: cannot read image" into a stack trace in the step's error line.
+    """
+    try:
+        yield from loader
+    except ValueError as err:
+        text, cls = str(err), type(err)
+        last = text.rstrip().splitlines()[-1] if text.startswith("Caught ") else ""
+        for prefix in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
+            if last.startswith(prefix):
+                raise cls(last[len(prefix) :]) from None
+        raise

@@ -3,6 +3,9 @@
 Each DDIM step with ``eta > 0`` samples x_{t-1} ~ N(mean, std^2 I); DDPO needs log p(x_{t-1} |
 x_t, c) of the sampled action under the current weights. The log-density is averaged over all
 non-batch dimensions, as in ddpo-pytorch, so clip ranges are comparable across implementations.
+The step math runs in float64 outside autocast and returns float32 (or float64) whatever the
+model's dtype: under fp16 a log-prob would keep only ~1e-3 of resolution, far coarser than a clip
+range of 1e-4, and every importance ratio would be clipped.
 """
 
 from __future__ import annotations
@@ -25,16 +28,38 @@ def ddim_step_with_logprob(
     eta: float = 1.0,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step x_t -> x_{t-1}; returns (prev_sample, log_prob of shape [batch]).
 
     ``timestep`` is one timestep or one per sample. ``prev_sample`` given: its log-probability
-    under this step's Gaussian (for the importance ratio); else it is sampled. Where the step is
-    deterministic (std 0, e.g. the last step with ``set_alpha_to_one``) the action has no
-    randomness: prev_sample is the mean and its log-probability is 0.
+    under this step's Gaussian (for the importance ratio); else it is sampled, with ``noise``
+    (standard normal, the shape of ``sample``; per-trajectory draws make a chain independent of
+    the batch it runs in) or from ``generator``. Where the step is deterministic (std 0, e.g. the
+    last step with ``set_alpha_to_one``) the action has no randomness: prev_sample is the mean
+    and its log-probability is 0. Both outputs are at least float32.
     """
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
+    out_dtype = torch.promote_types(sample.dtype, torch.float32)
+    with torch.autocast(sample.device.type, enabled=False):
+        prev, log_prob = _step(
+            scheduler, model_output, timestep, sample, eta, prev_sample, generator, noise
+        )
+    return prev.to(out_dtype), log_prob.to(out_dtype)
+
+
+def _step(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None,
+    generator: torch.Generator | None,
+    noise: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step in float64: (prev_sample, log_prob)."""
     b, nd, dev = sample.shape[0], sample.ndim, sample.device
     t = torch.as_tensor(timestep, device=dev).long().reshape(-1).expand(b)
     stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
@@ -69,13 +94,18 @@ def ddim_step_with_logprob(
     mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).clamp(min=0).sqrt() * eps
 
     if prev_sample is None:
-        noise = torch.randn(
-            sample.shape,
-            generator=generator,
-            dtype=torch.float64,
-            device="cpu" if generator is None else generator.device,
-        ).to(dev)
-        prev = mean + std * noise
+        if noise is None:
+            noise = torch.randn(
+                sample.shape,
+                generator=generator,
+                dtype=torch.float64,
+                device="cpu" if generator is None else generator.device,
+            )
+        elif noise.shape != sample.shape:
+            raise ValueError(
+                f"noise of shape {tuple(noise.shape)} for samples {tuple(sample.shape)}"
+            )
+        prev = mean + std * noise.to(dev, torch.float64)
     else:
         prev = prev_sample.double()
     stochastic = std > 0
@@ -87,5 +117,4 @@ def ddim_step_with_logprob(
     )
     log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))
     prev = torch.where(stochastic, prev, mean) if prev_sample is None else prev
-    log_prob = log_prob.mean(dim=tuple(range(1, nd)))
-    return prev.to(sample.dtype), log_prob.to(sample.dtype)
+    return prev, log_prob.mean(dim=tuple(range(1, nd)))

@@ -6,6 +6,22 @@ takes ``inner_epochs`` passes of clipped policy-gradient steps over the recorded
 Training stops when the mean reward stops changing (Algorithm 1) or after ``max_iterations``.
 Every random draw comes from (seed, iteration) and a checkpoint is written after each
 iteration, so a killed run resumes and ends with the same weights as an uninterrupted one.
+
+Paper scale (SD v1.5, 512 px, 256 trajectories per iteration): chains are sampled, decoded and
+scored ``sample_batch_size`` at a time; under ``mixed_precision`` fp16/bf16 the frozen weights
+run in half precision and the trained ones stay float32, sampling and update under the same
+autocast; several processes (``accelerate launch`` / torchrun) each sample and train their
+share of the iteration's trajectories and all-reduce gradients once per optimizer step.
+
+On-policy check: before the first optimizer step of an iteration the importance ratio
+p_theta / p_theta_old of every action is 1 by construction. The update recomputes it for its
+first minibatch, logs max |ratio - 1| as ``ratio_deviation`` and warns above
+``RATIO_TOLERANCE``: any difference between how sampling and training run the policy (dtype,
+autocast, guidance, noise, train/eval mode) shows up there. Measured on the CPU with the tiny
+test model (10 steps, every trainable subset, sampling chunks of 1-8, minibatches of 1-8): at
+most 1.4e-6 in fp32 and 7e-7 in bf16 (float32 rounding of the log-probs: the CPU's bf16 kernels
+give each chain the same result in any batch), against 7e-2 when sampling ran under bf16
+autocast but the update in fp32 and 0.67 when sampling used a guidance scale 0.5 higher.
 """
 
 from __future__ import annotations
@@ -14,6 +30,8 @@ import copy
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +40,37 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from diffusers import DDIMScheduler
 from tqdm import tqdm
 
 from rl4med.attributes import ATTRIBUTES
-from rl4med.checkpoint import fingerprint, load_latest_checkpoint, save_checkpoint
-from rl4med.ddpo.reward import RewardFn
+from rl4med.checkpoint import (
+    fingerprint,
+    load_latest_checkpoint,
+    save_checkpoint,
+    weights_signature,
+)
+from rl4med.ddpo.reward import RewardFn, RewardOutput
 from rl4med.ddpo.stats import PerPromptStatTracker
 from rl4med.ddpo.stopping import RewardPlateau
-from rl4med.ddpo.trajectories import sample_trajectories, step_log_probs
+from rl4med.ddpo.trajectories import (
+    Trajectories,
+    final_images,
+    sample_trajectories,
+    step_log_probs,
+)
 from rl4med.io import write_table
 from rl4med.models.sd import StableDiffusion
-from rl4med.models.trainable import merge_adapters, select_trainable, trainable
+from rl4med.models.trainable import (
+    cast_frozen,
+    merge_adapters,
+    restore_weights,
+    select_trainable,
+    trainable,
+    trainable_state,
+)
 from rl4med.prompts import Prompt
-from rl4med.sampling import initial_noise
+from rl4med.tracking import make_accelerator, start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +80,7 @@ LOG_COLUMNS = (
     "reward_std",
     "approx_kl",
     "clipfrac",
+    "ratio_deviation",
     "loss",
     "lr",
     "seconds",
@@ -51,6 +88,84 @@ LOG_COLUMNS = (
     "reward_seconds",
     "update_seconds",
 )
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Largest max |ratio - 1| of the first minibatch that still counts as on-policy (module
+# docstring for the measurements). fp32: only rounding (<= 1.4e-6 measured). bf16/fp16: on a GPU
+# the half-precision kernels, and so a chain's rounding, may change with the batch it runs in
+# (sampling chunk vs training minibatch), amplified at the low-noise steps whose std is small; not
+# measured on a GPU yet, so the tolerance sits below the smallest real mismatch measured (7e-2).
+RATIO_TOLERANCE = {"no": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
+
+# settings that change memory use or speed but not the trajectories or updates (beyond rounding):
+# a run killed for memory may resume with a smaller sample_batch_size
+NOT_IN_FINGERPRINT = ("max_iterations", "sample_batch_size", "gradient_checkpointing")
+
+
+class CheckpointMismatchError(ValueError):
+    """A DDPO checkpoint does not hold exactly the weights this run trains."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """``config["ddpo"]`` with its defaults (schemas/config.schema.yaml describes each key)."""
+
+    seed: int
+    max_iterations: int
+    samples_per_prompt: int
+    num_steps: int
+    guidance_scale: float
+    inner_epochs: int
+    batch_size: int
+    clip_range: float
+    adv_clip_max: float
+    learning_rate: float
+    stop_epsilon: float
+    stop_patience: int
+    eta: float = 1.0
+    sample_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    trainable: str = "full"
+    lora_rank: int = 0
+    train_timesteps: str = "all"
+    timestep_fraction: float = 1.0
+    warmup_iterations: int = 0
+    kl_weight: float = 0.0
+    buffer_size: int = 32
+    min_count: int = 16
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Settings:
+        unknown = sorted(set(cfg) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"ddpo: unknown key(s) {', '.join(unknown)}")
+        values = {}
+        for f in fields(cls):
+            if f.name in cfg:
+                values[f.name] = _typed(f.name, cfg[f.name], f.type)
+            elif f.default is MISSING:
+                raise ValueError(f"ddpo.{f.name} is missing from the config")
+        settings = cls(**values)
+        if settings.mixed_precision not in ("no", *HALF):
+            raise ValueError(
+                f"ddpo.mixed_precision {settings.mixed_precision!r}: use no, fp16 or bf16"
+            )
+        for key in ("sample_batch_size", "batch_size", "gradient_accumulation_steps"):
+            if getattr(settings, key) < 1:
+                raise ValueError(f"ddpo.{key} {getattr(settings, key)}: must be >= 1")
+        return settings
+
+
+def _typed(name: str, value: Any, kind: str) -> Any:
+    if kind == "str" and not isinstance(value, str):
+        hint = ' (quote "no" in YAML: a bare no reads as false)' if value is False else ""
+        raise ValueError(f"ddpo.{name} {value!r}: expected a string{hint}")
+    return {"int": int, "float": float, "str": str, "bool": bool}[kind](value)
 
 
 def ppo_loss(
@@ -78,6 +193,44 @@ def train_steps(n_steps: int, mode: str, fraction: float, gen: torch.Generator) 
     raise ValueError(f"ddpo.train_timesteps {mode!r}: use all, high_noise or random")
 
 
+def iteration_generator(seed: int, iteration: int) -> torch.Generator:
+    """Every random draw of an iteration (trajectory seeds, trained steps, minibatch order).
+
+    The same on every process, so the iteration's trajectories do not depend on how many
+    processes share them, and a resumed run draws what the killed one would have drawn.
+    """
+    return torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+
+
+def process_rows(n: int, process_index: int, num_processes: int) -> torch.Tensor:
+    """The rows of an iteration's ``n`` trajectories that one process samples and trains."""
+    return torch.arange(n)[process_index::num_processes]
+
+
+@dataclass
+class _Run:
+    """Everything an iteration reads or updates."""
+
+    s: Settings
+    accel: Accelerator
+    sd: StableDiffusion
+    unet: torch.nn.Module  # samples (no gradients)
+    model: torch.nn.Module  # the same UNet as the update calls it (DDP with several processes)
+    reference: torch.nn.Module | None  # frozen stage-i UNet of the KL penalty
+    opt: torch.optim.Optimizer
+    lr_sched: torch.optim.lr_scheduler.LambdaLR
+    sched: DDIMScheduler
+    prompts: Sequence[Prompt]
+    embeddings: torch.Tensor
+    null: torch.Tensor
+    run_id: str
+    originals: list[tuple[torch.nn.Module, dict[str, torch.Tensor]]]
+    tracker: PerPromptStatTracker
+    stopper: RewardPlateau
+    history: list[dict[str, Any]] = field(default_factory=list)
+    warned_clip: bool = False
+
+
 def ddpo_train(
     sd: StableDiffusion,
     reward_fn: RewardFn,
@@ -86,201 +239,386 @@ def ddpo_train(
     out_dir: str | Path,
     log_tsv: str | Path,
     checkpoint_dir: str | Path,
+    *,
+    device: torch.device | None = None,
+    tracking: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Fine-tune ``sd.unet`` with DDPO; save the model to ``out_dir`` and the log to ``log_tsv``.
 
-    ``cfg`` (``config["ddpo"]``): seed, max_iterations, samples_per_prompt, num_steps, eta,
-    guidance_scale, inner_epochs, batch_size, clip_range, adv_clip_max, learning_rate,
-    weight_decay, max_grad_norm, trainable (full/lora/cross_attention), lora_rank,
-    train_timesteps (all/high_noise/random), timestep_fraction, buffer_size, min_count,
-    stop_epsilon, stop_patience, warmup_iterations, kl_weight (0 = off). The log has, per
-    iteration, reward mean/std, approximate KL, clip fraction, loss, learning rate, seconds,
-    per-attribute match rates (``match_*``) and per-prompt mean rewards (``reward_<slug>``).
+    ``cfg`` is ``config["ddpo"]`` (``Settings``). ``device``: where this process runs (None: the
+    CPU; under ``accelerate launch`` each process takes its own GPU). ``tracking``:
+    ``{"log_with": none|tensorboard|wandb, "dir": folder of this run's event files}`` or None.
+    The log has, per iteration, reward mean/std, approximate KL, clip fraction, the on-policy
+    ``ratio_deviation``, loss, learning rate, seconds (all and per part), per-attribute match
+    rates (``match_*``) and per-prompt mean rewards (``reward_<slug>``).
     """
-    seed = int(cfg["seed"])
-    accel = Accelerator()  # one plain process on a CPU; several under `accelerate launch`
-    sd.to(accel.device)
-    dev = sd.device
-    unet = sd.unet
-    kl_weight = float(cfg.get("kl_weight", 0.0))
-    # KL penalty towards the stage-i policy: a frozen copy of the starting UNet
-    reference = copy.deepcopy(unet).requires_grad_(False).eval() if kl_weight > 0 else None
-    select_trainable(unet, str(cfg.get("trainable", "full")), int(cfg.get("lora_rank", 0)))
-    params = trainable(unet)
-    opt = torch.optim.AdamW(
-        params, lr=float(cfg["learning_rate"]), weight_decay=float(cfg.get("weight_decay", 1e-4))
+    s = Settings.from_config(cfg)
+    run = _setup(sd, prompts, s, device or torch.device("cpu"), tracking)
+    iteration, reason = _resume(run, checkpoint_dir)
+    bar = tqdm(
+        total=s.max_iterations,
+        initial=iteration,
+        desc="DDPO",
+        disable=not run.accel.is_main_process,
     )
-    warmup = int(cfg.get("warmup_iterations", 0))
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (warmup + 1)))
-    sched = sd.ddim_scheduler()
-    sched.set_timesteps(int(cfg["num_steps"]), device=dev)
-    texts = [p.text for p in prompts]
-    embeddings = sd.encode_prompts(texts)
-    null = sd.encode_prompts([""])
-    tracker = PerPromptStatTracker(int(cfg.get("buffer_size", 32)), int(cfg.get("min_count", 16)))
-    stopper = RewardPlateau(
-        float(cfg["stop_epsilon"]), int(cfg["stop_patience"]), int(cfg["max_iterations"])
-    )
-    history: list[dict[str, float]] = []
-    start = 0
-    run_id = fingerprint(
-        {k: v for k, v in cfg.items() if k != "max_iterations"}, texts, unet.config
-    )
-    ckpt = load_latest_checkpoint(checkpoint_dir, run_id)
-    if ckpt is not None:
-        unet.load_state_dict(ckpt.model)
-        opt.load_state_dict(ckpt.extra["optimizer"])
-        lr_sched.load_state_dict(ckpt.extra["lr_scheduler"])
-        tracker.load_state_dict(ckpt.state["tracker"])
-        stopper.history, stopper.calm = ckpt.state["stopper"], int(ckpt.state["calm"])
-        history, start = ckpt.state["history"], ckpt.step
-        log.info("resuming DDPO from %s/step_%08d", checkpoint_dir, start)
-    reason = ckpt.state.get("stop_reason") if ckpt is not None else None
-
-    # DDP wrapper when several processes train: gradients are averaged across them
-    model = accel.prepare(unet)
-    n_per = int(cfg["samples_per_prompt"])
-    guidance, eta = float(cfg["guidance_scale"]), float(cfg.get("eta", 1.0))
-    clip_range, adv_max = float(cfg["clip_range"]), float(cfg["adv_clip_max"])
-    bs, inner = int(cfg["batch_size"]), int(cfg["inner_epochs"])
-    iteration = start
-    bar = tqdm(total=int(cfg["max_iterations"]), initial=start, desc="DDPO")
-    while reason is None and iteration < int(cfg["max_iterations"]):
-        t0 = time.perf_counter()
-        # each process samples and trains its share of the trajectories, with its own noise
-        gen = torch.Generator().manual_seed(
-            (seed * 1_000_003 + iteration) * accel.num_processes + accel.process_index
-        )
-        prompt_index = torch.arange(len(prompts)).repeat_interleave(n_per)
-        seeds = torch.randint(0, 2**31 - 1, (len(prompt_index),), generator=gen).tolist()
-        local = torch.arange(len(prompt_index))[accel.process_index :: accel.num_processes]
-        unet.eval()
-        traj = sample_trajectories(
-            sd,
-            unet,
-            sched,
-            prompt_index[local],
-            embeddings,
-            null,
-            initial_noise(sd, [seeds[i] for i in local.tolist()]).to(dev),
-            guidance,
-            eta,
-            gen,
-        )
-        t_sample = time.perf_counter()
-        scored = reward_fn(traj.images, [prompts[i] for i in prompt_index[local].tolist()])
-        reward, matches = _gather_rows(accel, local, scored.reward, scored.matches)
-        slugs = [prompts[i].slug for i in prompt_index.tolist()]
-        finite = np.isfinite(reward)
-        if not finite.all():
-            log.warning(
-                "iteration %d: %d non-finite rewards; the iteration is skipped",
-                iteration,
-                int((~finite).sum()),
-            )
-            iteration += 1
-            continue
-        adv = torch.tensor(
-            np.clip(tracker.update(slugs, reward), -adv_max, adv_max)[local.numpy()],
-            dtype=torch.float32,
-        )
-        t_reward = time.perf_counter()
-        steps = train_steps(
-            len(traj.timesteps),
-            str(cfg.get("train_timesteps", "all")),
-            float(cfg.get("timestep_fraction", 1.0)),
-            gen,
-        )
-        unet.train()
-        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": []}
-        for _ in range(inner):
-            order = torch.randperm(len(local), generator=gen)
-            for start_row in range(0, len(order), bs):
-                rows = order[start_row : start_row + bs]
-                opt.zero_grad(set_to_none=True)
-                for j in steps:  # gradients accumulate over the trained chain positions
-                    logp = step_log_probs(
-                        model, sched, traj, rows, j, embeddings, null, guidance, eta
-                    )
-                    loss, kl, cf = ppo_loss(
-                        logp, traj.log_probs[rows, j].to(dev), adv[rows].to(dev), clip_range
-                    )
-                    if reference is not None:
-                        with torch.no_grad():
-                            ref = step_log_probs(
-                                reference, sched, traj, rows, j, embeddings, null, guidance, eta
-                            )
-                        loss = loss + kl_weight * 0.5 * ((logp - ref) ** 2).mean()
-                    accel.backward(loss / len(steps))
-                    stats["loss"].append(loss.item())
-                    stats["approx_kl"].append(kl.item())
-                    stats["clipfrac"].append(cf.item())
-                accel.clip_grad_norm_(params, float(cfg.get("max_grad_norm", 1.0)))
-                opt.step()
-        lr_sched.step()
-        t_update = time.perf_counter()
+    while reason is None and iteration < s.max_iterations:
+        row = _iteration(run, reward_fn, iteration)
         iteration += 1
-        per_prompt = pd.Series(reward).groupby(np.array(slugs)).mean()
-        history.append(
-            {
-                "iteration": iteration,
-                "reward_mean": float(reward.mean()),
-                "reward_std": float(reward.std()),
-                **{k: float(np.mean(v)) for k, v in stats.items()},
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": round(time.perf_counter() - t0, 2),
-                # where an iteration's time goes (benchmarks/ddpo_iteration.py)
-                "sample_seconds": round(t_sample - t0, 3),
-                "reward_seconds": round(t_reward - t_sample, 3),
-                "update_seconds": round(t_update - t_reward, 3),
-                **{
-                    f"match_{a}": float(m) for a, m in zip(ATTRIBUTES, matches.mean(0), strict=True)
-                },
-                **{f"reward_{k}": float(v) for k, v in per_prompt.items()},
-            }
-        )
-        reason = stopper.update(float(reward.mean()))
-        log.info(
-            "iteration %d: reward %.4f +- %.4f, approx KL %.2e, clipfrac %.3f",
-            iteration,
-            reward.mean(),
-            reward.std(),
-            history[-1]["approx_kl"],
-            history[-1]["clipfrac"],
-        )
-        if accel.is_main_process:
-            save_checkpoint(
-                checkpoint_dir,
-                iteration,
-                unet.state_dict(),
-                {"optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict()},
-                {
-                    "fingerprint": run_id,
-                    "history": history,
-                    "tracker": tracker.state_dict(),
-                    "stopper": stopper.history,
-                    "calm": stopper.calm,
-                    "stop_reason": reason,
-                },
-            )
-        accel.wait_for_everyone()
+        if row is None:  # non-finite rewards: nothing learned, nothing saved
+            continue
+        reason = run.stopper.update(row["reward_mean"])
+        _save(run, checkpoint_dir, iteration, reason)
         bar.update(1)
     bar.close()
-    reason = reason or f"max_iterations ({cfg['max_iterations']}) reached"
+    return _finish(run, iteration, reason, out_dir, log_tsv)
+
+
+def _setup(
+    sd: StableDiffusion,
+    prompts: Sequence[Prompt],
+    s: Settings,
+    device: torch.device,
+    tracking: Mapping[str, Any] | None,
+) -> _Run:
+    """Accelerator, trained subset and dtypes, optimizer, prompt embeddings (step 0)."""
+    log_with = str(tracking.get("log_with", "none")) if tracking else "none"
+    folder = Path(tracking["dir"]) if tracking and log_with != "none" else None
+    # the tracker writes into <logging dir>/<run name>: the run's folder itself
+    accel = make_accelerator(device, s.mixed_precision, log_with, folder and folder.parent)
+    if folder is not None:
+        start_tracking(accel, folder.name, asdict(s))
+    n = len(prompts) * s.samples_per_prompt
+    if n % accel.num_processes:
+        raise ValueError(
+            f"ddpo: {n} trajectories per iteration do not split evenly over "
+            f"{accel.num_processes} processes (every process must take as many optimizer steps)"
+        )
+    sd.to(accel.device)
+    unet = sd.unet
+    texts = [p.text for p in prompts]
+    settings = {k: v for k, v in asdict(s).items() if k not in NOT_IN_FINGERPRINT}
+    # the stage-i weights are part of the run: a re-trained stage i never resumes an old run
+    run_id = fingerprint(settings, texts, unet.config, weights_signature(unet))
+    reference = copy.deepcopy(unet).requires_grad_(False).eval() if s.kl_weight > 0 else None
+    select_trainable(unet, s.trainable, s.lora_rank)
+    originals = []
+    if s.mixed_precision in HALF:
+        half = HALF[s.mixed_precision]
+        originals = [(m, cast_frozen(m, half)) for m in (unet, sd.vae, sd.text_encoder)]
+        if reference is not None:
+            reference.to(half)
+    if s.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(trainable(unet), lr=s.learning_rate, weight_decay=s.weight_decay)
+    warmup = s.warmup_iterations
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (warmup + 1)))
+    # DDP wrapper with several processes; the fp16 GradScaler lives in the prepared optimizer.
+    # The lr scheduler is stepped by hand, once per iteration (a prepared one would step once
+    # per process).
+    model, opt = accel.prepare(unet, opt)
+    sched = sd.ddim_scheduler()
+    sched.set_timesteps(s.num_steps, device=accel.device)
+    return _Run(
+        s=s,
+        accel=accel,
+        sd=sd,
+        unet=unet,
+        model=model,
+        reference=reference,
+        opt=opt,
+        lr_sched=lr_sched,
+        sched=sched,
+        prompts=prompts,
+        embeddings=sd.encode_prompts(texts),
+        null=sd.encode_prompts([""]),
+        run_id=run_id,
+        originals=originals,
+        tracker=PerPromptStatTracker(s.buffer_size, s.min_count),
+        stopper=RewardPlateau(s.stop_epsilon, s.stop_patience, s.max_iterations),
+    )
+
+
+def _resume(run: _Run, checkpoint_dir: str | Path) -> tuple[int, str | None]:
+    """Load the newest checkpoint of this run (same settings and stage-i weights), if any."""
+    ckpt = load_latest_checkpoint(checkpoint_dir, run.run_id)
+    if ckpt is None:
+        return 0, None
+    names = trainable_state(run.unet)
+    if set(ckpt.model) != set(names):
+        missing, extra = sorted(set(names) - set(ckpt.model)), sorted(set(ckpt.model) - set(names))
+        raise CheckpointMismatchError(
+            f"{checkpoint_dir}/step_{ckpt.step:08d}/model.safetensors does not hold the "
+            f"{len(names)} trained tensors of this run (missing {missing[:3]}, unexpected "
+            f"{extra[:3]}); delete {checkpoint_dir} to start DDPO over"
+        )
+    with torch.no_grad():
+        for name, p in names.items():
+            p.copy_(ckpt.model[name])
+    run.opt.load_state_dict(ckpt.extra["optimizer"])
+    run.lr_sched.load_state_dict(ckpt.extra["lr_scheduler"])
+    if run.accel.scaler is not None and ckpt.extra.get("scaler"):
+        run.accel.scaler.load_state_dict(ckpt.extra["scaler"])
+    run.tracker.load_state_dict(ckpt.state["tracker"])
+    run.stopper.history, run.stopper.calm = ckpt.state["stopper"], int(ckpt.state["calm"])
+    run.history = ckpt.state["history"]
+    log.info("resuming DDPO from %s/step_%08d", checkpoint_dir, ckpt.step)
+    # a converged run stays done; one stopped by max_iterations goes on if that was raised
+    converged = run.stopper.calm >= run.stopper.patience
+    return ckpt.step, ckpt.state.get("stop_reason") if converged else None
+
+
+def _iteration(run: _Run, reward_fn: RewardFn, iteration: int) -> dict[str, Any] | None:
+    """Algorithm 1, one iteration: sample, score, advantages, update; returns the log row."""
+    s, accel = run.s, run.accel
+    t0 = time.perf_counter()
+    gen = iteration_generator(s.seed, iteration)
+    prompt_index = torch.arange(len(run.prompts)).repeat_interleave(s.samples_per_prompt)
+    seeds = torch.randint(0, 2**31 - 1, (len(prompt_index),), generator=gen)
+    local = process_rows(len(prompt_index), accel.process_index, accel.num_processes)
+    traj, scored, t_sample, t_score = _sample_and_score(
+        run, reward_fn, prompt_index[local], seeds[local].tolist()
+    )
+    t1 = time.perf_counter()
+    reward, matches = _gather_rows(accel, local, scored.reward, scored.matches)
+    slugs = [run.prompts[i].slug for i in prompt_index.tolist()]
+    finite = np.isfinite(reward)
+    if not finite.all():
+        log.warning(
+            "iteration %d: %d non-finite rewards; the iteration is skipped",
+            iteration + 1,
+            int((~finite).sum()),
+        )
+        return None
+    advantages = np.clip(run.tracker.update(slugs, reward), -s.adv_clip_max, s.adv_clip_max)
+    adv = torch.tensor(advantages[local.numpy()], dtype=torch.float32)
+    t2 = time.perf_counter()
+    stats = _update(run, traj, adv, gen)
+    times = {
+        "seconds": round(time.perf_counter() - t0, 2),
+        # where an iteration's time goes (benchmarks/ddpo_iteration.py)
+        "sample_seconds": round(t_sample, 3),
+        "reward_seconds": round(t_score + t2 - t1, 3),
+        "update_seconds": round(time.perf_counter() - t2, 3),
+    }
+    return _record(run, iteration + 1, reward, matches, slugs, stats, times)
+
+
+def _sample_and_score(
+    run: _Run, reward_fn: RewardFn, prompt_index: torch.Tensor, seeds: list[int]
+) -> tuple[Trajectories, RewardOutput, float, float]:
+    """This process's chains, ``sample_batch_size`` at a time: sample, decode, score, and drop
+    the images, so memory holds one chunk's activations and images whatever the iteration's
+    size. Returns the trajectories, their rewards and the sampling and scoring seconds."""
+    s, sd = run.s, run.sd
+    size = int(sd.unet.config.sample_size)
+    latent_shape = (int(sd.unet.config.in_channels), size, size)
+    traj = Trajectories.empty(prompt_index, run.sched.timesteps, latent_shape)
+    rewards, matches = [], []
+    t_sample = t_score = 0.0
+    run.unet.eval()
+    for start in range(0, len(seeds), s.sample_batch_size):
+        t0 = time.perf_counter()
+        rows = slice(start, start + s.sample_batch_size)
+        with run.accel.autocast():  # the update's autocast: the same policy in both
+            chunk = sample_trajectories(
+                sd,
+                run.unet,
+                run.sched,
+                prompt_index[rows],
+                run.embeddings,
+                run.null,
+                seeds[rows],
+                s.guidance_scale,
+                s.eta,
+            )
+        traj.put(start, chunk)
+        images = final_images(sd, chunk)
+        t1 = time.perf_counter()
+        out = reward_fn(images, [run.prompts[i] for i in prompt_index[rows].tolist()])
+        del images
+        rewards.append(np.asarray(out.reward, dtype=np.float64))
+        matches.append(np.asarray(out.matches, dtype=np.float64))
+        t_sample, t_score = t_sample + t1 - t0, t_score + time.perf_counter() - t1
+    return traj, RewardOutput(np.concatenate(rewards), np.concatenate(matches)), t_sample, t_score
+
+
+def _update(
+    run: _Run, traj: Trajectories, adv: torch.Tensor, gen: torch.Generator
+) -> dict[str, float]:
+    """K inner epochs of clipped policy-gradient steps over the recorded actions (eq. 2).
+
+    Returns the mean loss, approximate KL and clip fraction (over processes) and the on-policy
+    ``ratio_deviation`` of the first minibatch (largest over processes).
+    """
+    s, accel = run.s, run.accel
+    steps = train_steps(len(traj.timesteps), s.train_timesteps, s.timestep_fraction, gen)
+    run.unet.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=accel.device)
+    deviation, count = None, 0
+    per_step = s.batch_size * s.gradient_accumulation_steps  # rows of one optimizer step
+    for _ in range(s.inner_epochs):
+        order = torch.randperm(len(traj.prompt_index), generator=gen)
+        for start in range(0, len(order), per_step):
+            group = order[start : start + per_step].split(s.batch_size)
+            first = _optimizer_step(run, traj, group, adv, steps, sums)
+            deviation = first if deviation is None else deviation
+            count += len(steps) * len(group)
+    run.lr_sched.step()
+    means = accel.reduce(sums / count, reduction="mean").tolist()
+    worst = float(accel.gather(deviation.reshape(1).float()).max())
+    return {**dict(zip(("loss", "approx_kl", "clipfrac"), means, strict=True)), "ratio": worst}
+
+
+def _optimizer_step(
+    run: _Run,
+    traj: Trajectories,
+    group: tuple[torch.Tensor, ...],
+    adv: torch.Tensor,
+    steps: list[int],
+    sums: torch.Tensor,
+) -> torch.Tensor:
+    """One optimizer step: gradients accumulated over the micro-batches of ``group`` (at most
+    ``gradient_accumulation_steps`` of ``batch_size`` rows) and the trained chain positions.
+
+    Adds loss, KL and clip fraction per position to ``sums``; returns max |ratio - 1| of the
+    first micro-batch, before the step. Gradients are all-reduced once, with the last backward.
+    """
+    s, accel, dev = run.s, run.accel, run.accel.device
+    cond = (run.embeddings, run.null, s.guidance_scale, s.eta)
+    deviation = torch.zeros((), device=dev)
+    run.opt.zero_grad(set_to_none=True)
+    last = (len(group) - 1, len(steps) - 1)
+    for m, rows in enumerate(group):
+        args = (run.sched, traj, rows)
+        for n, j in enumerate(steps):
+            sync = nullcontext() if (m, n) == last else accel.no_sync(run.model)
+            with sync:
+                with accel.autocast():  # the sampling's autocast
+                    logp = step_log_probs(run.model, *args, j, *cond)
+                    old = traj.log_probs[rows, j].to(dev)
+                    loss, kl, cf = ppo_loss(logp, old, adv[rows].to(dev), s.clip_range)
+                    if run.reference is not None:
+                        with torch.no_grad():
+                            ref = step_log_probs(run.reference, *args, j, *cond)
+                        loss = loss + s.kl_weight * 0.5 * ((logp - ref) ** 2).mean()
+                accel.backward(loss / (len(steps) * len(group)))
+            if m == 0:
+                ratio = (logp.detach() - old).exp().sub(1).abs().max()
+                deviation = torch.maximum(deviation, ratio)
+            sums += torch.stack([loss.detach(), kl, cf]).double()
+    accel.clip_grad_norm_(trainable(run.unet), s.max_grad_norm)
+    run.opt.step()
+    return deviation
+
+
+def _record(
+    run: _Run,
+    iteration: int,
+    reward: np.ndarray,
+    matches: np.ndarray,
+    slugs: list[str],
+    stats: dict[str, float],
+    times: dict[str, float],
+) -> dict[str, Any]:
+    """The iteration's log row: kept in the history, logged, sent to the tracker."""
+    tolerance = RATIO_TOLERANCE[run.s.mixed_precision]
+    if stats["ratio"] > tolerance:
+        log.warning(
+            "iteration %d: importance ratio %.2e away from 1 before the first update (tolerance "
+            "%.0e for mixed_precision %s): sampling and training do not run the same policy "
+            "(dtype, autocast, guidance, noise or train/eval mode)",
+            iteration,
+            stats["ratio"],
+            tolerance,
+            run.s.mixed_precision,
+        )
+    elif stats["ratio"] > run.s.clip_range and not run.warned_clip:
+        run.warned_clip = True
+        log.warning(
+            "iteration %d: rounding alone moves importance ratios by %.1e before any update, "
+            "more than clip_range %.0e: some actions of the first minibatch are clipped and give "
+            "no gradient (mixed_precision no, or a larger clip_range, avoids it; warned once)",
+            iteration,
+            stats["ratio"],
+            run.s.clip_range,
+        )
+    per_prompt = pd.Series(reward).groupby(np.array(slugs)).mean()
+    row = {
+        "iteration": iteration,
+        "reward_mean": float(reward.mean()),
+        "reward_std": float(reward.std()),
+        "approx_kl": stats["approx_kl"],
+        "clipfrac": stats["clipfrac"],
+        "ratio_deviation": stats["ratio"],
+        "loss": stats["loss"],
+        "lr": run.opt.param_groups[0]["lr"],
+        **times,
+        **{f"match_{a}": float(m) for a, m in zip(ATTRIBUTES, matches.mean(0), strict=True)},
+        **{f"reward_{k}": float(v) for k, v in per_prompt.items()},
+    }
+    run.history.append(row)
+    run.accel.log({k: v for k, v in row.items() if k != "iteration"}, step=iteration)
+    log.info(
+        "iteration %d: reward %.4f +- %.4f, approx KL %.2e, clipfrac %.3f, ratio deviation %.1e",
+        iteration,
+        row["reward_mean"],
+        row["reward_std"],
+        row["approx_kl"],
+        row["clipfrac"],
+        row["ratio_deviation"],
+    )
+    return row
+
+
+def _save(run: _Run, checkpoint_dir: str | Path, iteration: int, reason: str | None) -> None:
+    """Checkpoint after the iteration: the trained tensors only (LoRA: a few MB), optimizer,
+    lr scheduler, GradScaler, advantage statistics and stopping state."""
+    if run.accel.is_main_process:
+        extra = {"optimizer": run.opt.state_dict(), "lr_scheduler": run.lr_sched.state_dict()}
+        if run.accel.scaler is not None:
+            extra["scaler"] = run.accel.scaler.state_dict()
+        save_checkpoint(
+            checkpoint_dir,
+            iteration,
+            trainable_state(run.unet),
+            extra,
+            {
+                "fingerprint": run.run_id,
+                "history": run.history,
+                "tracker": run.tracker.state_dict(),
+                "stopper": run.stopper.history,
+                "calm": run.stopper.calm,
+                "stop_reason": reason,
+            },
+        )
+    run.accel.wait_for_everyone()
+
+
+def _finish(
+    run: _Run, iteration: int, reason: str | None, out_dir: str | Path, log_tsv: str | Path
+) -> pd.DataFrame:
+    """Full-precision weights back, adapters merged; the model and the log written once."""
+    reason = reason or f"max_iterations ({run.s.max_iterations}) reached"
     log.info("DDPO stopped after iteration %d: %s", iteration, reason)
-    unet.eval()
+    # the plain UNet: no DDP wrapper, no autocast around its forward
+    unet = run.accel.unwrap_model(run.model, keep_fp32_wrapper=False).eval()
+    if run.s.gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
+    for module, originals in run.originals:
+        restore_weights(module, originals)
     merge_adapters(unet)
-    sd.unet = unet
-    curve = pd.DataFrame(history)
+    run.sd.unet = unet
+    curve = pd.DataFrame(run.history)
     if curve.empty:
         curve = pd.DataFrame(columns=list(LOG_COLUMNS))
     curve["stop_reason"] = ""
     if len(curve):
         curve.loc[curve.index[-1], "stop_reason"] = reason
-    if accel.is_main_process:
-        sd.save_pretrained(out_dir)
+    if run.accel.is_main_process:
+        run.sd.save_pretrained(out_dir)
         write_table(curve, log_tsv)
-    accel.wait_for_everyone()
+    run.accel.wait_for_everyone()
+    run.accel.end_training()
     return curve
 
 

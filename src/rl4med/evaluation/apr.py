@@ -7,7 +7,7 @@ judge (never a reward): a gain that only the reward classifier sees is reward ha
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -16,7 +16,7 @@ from rl4med.attributes import ARTIFACTS, ATTRIBUTES, DISEASES
 from rl4med.ddpo.reward import AttributeReward
 from rl4med.evaluation import paper
 from rl4med.models.classifier import AttributeClassifier
-from rl4med.prompts import Prompt, all_prompts, prompt_from_labels
+from rl4med.prompts import Prompt, all_prompts, prompt_from_labels, prompt_from_slug
 
 MATCH_COLUMNS = [f"match_{a}" for a in ATTRIBUTES]
 MODELS = {"sd": "SD", "sd_rl": "SD+RL"}
@@ -37,19 +37,23 @@ def per_sample_scores(
 
 def score_samples(
     classifiers: Mapping[str, AttributeClassifier],
-    images: np.ndarray,
-    index: pd.DataFrame,
-    prompts: Sequence[Prompt],
+    batches: Iterable[tuple[np.ndarray, pd.DataFrame]],
 ) -> pd.DataFrame:
-    """One row per (classifier, sample): prompt, sample, seed, r_A, exact, match_*."""
-    frames = []
-    for name, clf in classifiers.items():
-        part = index[["prompt", "sample", "seed"]].copy()
-        part.insert(0, "classifier", name)
-        for col, values in per_sample_scores(clf, images, prompts).items():
-            part[col] = values
-        frames.append(part)
-    return pd.concat(frames, ignore_index=True)
+    """One row per (classifier, sample): prompt, sample, seed, r_A, exact, match_*.
+
+    ``batches``: (uint8 images (B, H, W, 3), their index rows with prompt, sample and seed), e.g.
+    ``iter_samples``; each batch is scored by every classifier and dropped, only scores are kept.
+    """
+    frames: dict[str, list[pd.DataFrame]] = {name: [] for name in classifiers}
+    for images, index in batches:
+        prompts = [prompt_from_slug(slug) for slug in index["prompt"]]
+        for name, clf in classifiers.items():
+            part = index[["prompt", "sample", "seed"]].copy()
+            part.insert(0, "classifier", name)
+            for col, values in per_sample_scores(clf, images, prompts).items():
+                part[col] = values
+            frames[name].append(part)
+    return pd.concat([f for parts in frames.values() for f in parts], ignore_index=True)
 
 
 def paired_bootstrap(

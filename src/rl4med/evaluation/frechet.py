@@ -4,13 +4,16 @@ Real-image statistics are computed once (rule ``real_features``) and cached in a
 every model's FD job reads. Without Inception weights (the embedded demo has none and cannot
 download them) the distance is computed on the judge classifier's penultimate features and
 labelled ``FD (judge features), not comparable to published FID`` wherever it appears.
+
+Images are streamed: features are folded batch by batch into running sums per group (float64),
+whose mean and covariance equal torch-fidelity's ``fid_features_to_statistics`` of all features.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +26,8 @@ from torch_fidelity.metric_fid import (
     fid_statistics_to_metric,
 )
 
-from rl4med.attributes import ATTRIBUTES
 from rl4med.checkpoint import read_state_dict
-from rl4med.data.images import load_image
+from rl4med.data.images import loader_batches, manifest_loader
 from rl4med.io import atomic_path
 from rl4med.models.classifier import AttributeClassifier
 
@@ -84,10 +86,64 @@ def load_space(
 
 
 def statistics(features: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean and covariance (torch-fidelity's own function)."""
+    """Mean and covariance of all features at once (torch-fidelity's own function)."""
     if len(features) < 2:
         raise ValueError(f"FD needs at least 2 images per group, got {len(features)}")
     return fid_features_to_statistics(torch.from_numpy(np.asarray(features, np.float64)))
+
+
+class RunningStatistics:
+    """Mean and unbiased covariance of features seen batch by batch, in float64.
+
+    Sums are taken around the first batch's mean (a shift that does not change the covariance),
+    so the sum of outer products does not lose digits to a large mean; the result equals
+    ``statistics`` of all features to float64 round-off.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None
+        self.outer: torch.Tensor | None = None
+
+    def update(self, features: np.ndarray) -> None:
+        x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+        if len(x) == 0:
+            return
+        if self.shift is None:
+            self.shift = x.mean(0)
+            self.sum = torch.zeros_like(self.shift)
+            self.outer = torch.zeros(len(self.shift), len(self.shift), dtype=torch.float64)
+        d = x - self.shift
+        self.sum += d.sum(0)
+        self.outer += d.T @ d
+        self.n += len(x)
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self.n < 2 or self.shift is None:
+            raise ValueError(f"FD needs at least 2 images per group, got {self.n}")
+        m = self.sum / self.n
+        sigma = (self.outer - self.n * torch.outer(m, m)) / (self.n - 1)
+        return {"mu": (self.shift + m).numpy(), "sigma": ((sigma + sigma.T) / 2).numpy()}
+
+
+class GroupStatistics:
+    """Running statistics of the FD groups (all, MEL, NV), fed batch by batch."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, RunningStatistics] = {}
+
+    def update(self, features: np.ndarray, labels: np.ndarray) -> None:
+        for g, mask in disease_groups(labels).items():
+            self.groups.setdefault(g, RunningStatistics()).update(np.asarray(features)[mask])
+
+    def result(self) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, int]]:
+        if not self.groups:
+            raise ValueError("FD needs at least 2 images per group, got 0")
+        return (
+            {g: s.result() for g, s in self.groups.items()},
+            {g: s.n for g, s in self.groups.items()},
+        )
 
 
 def frechet_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
@@ -129,11 +185,10 @@ def disease_groups(labels: np.ndarray) -> dict[str, np.ndarray]:
 def group_statistics(
     features: np.ndarray, labels: np.ndarray
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, int]]:
-    masks = disease_groups(labels)
-    return (
-        {g: statistics(features[m]) for g, m in masks.items()},
-        {g: int(m.sum()) for g, m in masks.items()},
-    )
+    """Statistics and counts per group of features held in memory (one batch)."""
+    acc = GroupStatistics()
+    acc.update(features, labels)
+    return acc.result()
 
 
 def fd_rows(
@@ -162,31 +217,37 @@ def real_statistics(
     space: FeatureSpace,
     image_size: int,
     out: str | os.PathLike[str],
-    chunk: int = 512,
+    batch_size: int = 64,
+    num_workers: int = 0,
 ) -> dict[str, int]:
-    """Features of the real training images (read in chunks), statistics per group, cached."""
-    features = np.concatenate(
-        [
-            space.extract(
-                np.stack([load_image(p, image_size) for p in train["path"][i : i + chunk]])
-            )
-            for i in range(0, len(train), chunk)
-        ]
-    )
-    stats, counts = group_statistics(features, train[list(ATTRIBUTES)].to_numpy())
+    """Features of the real training images (streamed in batches), statistics per group, cached."""
+    acc = GroupStatistics()
+    loader = manifest_loader(train, image_size, batch_size, num_workers)
+    for images, labels in loader_batches(loader):
+        # uint8 (B, 3, H, W) -> (B, H, W, 3), the layout of samples; a view, no copy
+        acc.update(space.extract(images.permute(0, 2, 3, 1).numpy()), labels.numpy())
+    stats, counts = acc.result()
     save_statistics(stats, counts, space.label, out)
     return counts
 
 
 def model_fd(
-    real: str | os.PathLike[str], space: FeatureSpace, images: np.ndarray, labels: np.ndarray
+    real: str | os.PathLike[str],
+    space: FeatureSpace,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
 ) -> pd.DataFrame:
-    """FD/FID of one model's samples against the cached real statistics, per group."""
+    """FD/FID of one model's samples against the cached real statistics, per group.
+
+    ``batches``: (uint8 images (B, H, W, 3), labels (B, 6)); only running sums are kept.
+    """
     stats, counts, label = load_statistics(real)
     if space.label != label:
         raise ValueError(
             f"{real}: cached statistics are {label!r}, this run uses "
             f"{space.label!r}; delete the file to recompute it"
         )
-    gen, gen_counts = group_statistics(space.extract(images), labels)
+    acc = GroupStatistics()
+    for images, labels in batches:
+        acc.update(space.extract(images), labels)
+    gen, gen_counts = acc.result()
     return pd.DataFrame(fd_rows(stats, counts, gen, gen_counts, label))

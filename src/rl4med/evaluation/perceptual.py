@@ -4,7 +4,8 @@ Per prompt, samples are paired at random (seeded by prompt, not by model, so SD 
 the same real images) with real training images whose 6 labels equal C(prompt); prompts whose
 combination has no real image are reported with ``n_pairs = 0``. The AlexNet backbone comes from
 a local torchvision state dict; without one the backbone is random (lpips ``pnet_rand``) and
-every output says so.
+every output says so. Pairs are read in batches (DataLoader workers decode the PNG and the real
+JPEG), so only a batch of each is ever in memory.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision
+from PIL import Image
+from torch.utils.data import Dataset
 
 from rl4med.attributes import ATTRIBUTES
 from rl4med.checkpoint import read_state_dict
-from rl4med.data.images import load_image, to_tensor
+from rl4med.data.images import batch_loader, load_image, loader_batches, to_float
+from rl4med.evaluation.samples import read_image
 from rl4med.prompts import all_slugs, prompt_from_slug
 
 LPIPS_LABEL = "LPIPS ({net})"
@@ -62,13 +66,29 @@ def load_lpips(
 def lpips_distances(
     model: lpips.LPIPS, a: np.ndarray, b: np.ndarray, batch_size: int = 64
 ) -> np.ndarray:
-    """Per pair LPIPS of uint8 images (N, H, W, 3); b is resized to a's size."""
+    """Per pair LPIPS of uint8 images (N, H, W, 3) of the same size, converted per batch."""
     dev = next(model.parameters()).device
-    out = []
-    for i in range(0, len(a), batch_size):
-        x, y = to_tensor(a[i : i + batch_size]), to_tensor(b[i : i + batch_size])
-        out.append(model(x.to(dev), y.to(dev)).flatten().cpu())
+
+    def batch(z: np.ndarray, i: int) -> torch.Tensor:
+        chunk = np.ascontiguousarray(z[i : i + batch_size])
+        return to_float(torch.from_numpy(chunk).permute(0, 3, 1, 2), dev)
+
+    out = [model(batch(a, i), batch(b, i)).flatten().cpu() for i in range(0, len(a), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+class PairImages(Dataset):
+    """(sample, real partner) as uint8 (H, W, 3) each, the real image resized to the sample's."""
+
+    def __init__(self, samples: Sequence[str], reals: Sequence[str], size: int) -> None:
+        self.samples, self.reals, self.size = list(samples), list(reals), size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = torch.from_numpy(read_image(self.samples[i]))
+        return sample, torch.from_numpy(load_image(self.reals[i], self.size))
 
 
 def pair_with_real(
@@ -95,19 +115,34 @@ def pair_with_real(
 def lpips_table(
     model: lpips.LPIPS,
     label: str,
-    images: np.ndarray,
-    prompts: Sequence[str],
+    index: pd.DataFrame,
     real: pd.DataFrame,
     pairs_per_prompt: int,
     seed: int,
+    batch_size: int = 64,
+    num_workers: int = 0,
 ) -> pd.DataFrame:
-    """Per prompt: number of real candidates and pairs, mean LPIPS (NaN without real images)."""
-    pairs = pair_with_real(prompts, real, pairs_per_prompt, seed)
-    size = images.shape[1]
-    real_images = np.stack([load_image(p, size) for _, p in pairs]) if pairs else images[:0]
-    dist = lpips_distances(model, images[[r for r, _ in pairs]], real_images)
+    """Per prompt: number of real candidates and pairs, mean LPIPS (NaN without real images).
+
+    ``index``: the model's samples (``sample_index``: prompt and path per row); only the paired
+    samples and their partners are read, a batch at a time.
+    """
+    prompts = index["prompt"].to_numpy()
+    pairs = pair_with_real(prompts.tolist(), real, pairs_per_prompt, seed)
+    dist = np.zeros(0)
+    if pairs:
+        paths = index["path"].to_numpy()
+        with Image.open(paths[pairs[0][0]]) as im:
+            size = im.size[0]
+        data = PairImages([paths[r] for r, _ in pairs], [p for _, p in pairs], size)
+        loader = batch_loader(data, range(len(pairs)), batch_size, num_workers)
+        dist = np.concatenate(
+            [
+                lpips_distances(model, a.numpy(), b.numpy(), batch_size)
+                for a, b in loader_batches(loader)
+            ]
+        )
     labels = real[list(ATTRIBUTES)].to_numpy()
-    prompts = np.asarray(prompts)
     pair_prompts = prompts[[r for r, _ in pairs]] if pairs else np.array([], dtype=str)
     rows = []
     for slug in dict.fromkeys(prompts):

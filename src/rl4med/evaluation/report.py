@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from rl4med.attributes import ATTRIBUTES  # noqa: E402
@@ -98,21 +97,29 @@ def reward_vs_judge(per_prompt: pd.DataFrame, path: str | os.PathLike[str]) -> N
 
 
 def prompt_grids(
-    sd: tuple[np.ndarray, pd.DataFrame],
-    sd_rl: tuple[np.ndarray, pd.DataFrame],
+    sd: Sequence[str | os.PathLike[str]],
+    sd_rl: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
     per_row: int,
 ) -> None:
-    """One PNG per prompt: its first samples from SD (top) and SD+RL (bottom), same noise."""
-    (img_a, idx_a), (img_b, idx_b) = sd, sd_rl
+    """One PNG per prompt: its first samples from SD (top) and SD+RL (bottom), same noise.
+
+    ``sd``, ``sd_rl``: the models' sample folders; only the ``per_row`` samples of each prompt
+    that the grid shows are read (the indexes name them), never a whole folder.
+    """
+    # here, not at the top: the sample reader pulls in torch and diffusers, the rest of the
+    # report (tables, curves, the showcase) does not need them
+    from rl4med.evaluation.samples import read_images, sample_index
+
+    idx_a, idx_b = sample_index(sd), sample_index(sd_rl)
     with atomic_dir(out_dir) as tmp:
         for slug in dict.fromkeys(idx_a["prompt"]):
-            ra = np.flatnonzero(idx_a["prompt"].to_numpy() == slug)[:per_row]
-            rb = np.flatnonzero(idx_b["prompt"].to_numpy() == slug)[:per_row]
-            if not (idx_a["seed"].to_numpy()[ra] == idx_b["seed"].to_numpy()[rb]).all():
+            ra = idx_a[idx_a["prompt"] == slug].head(per_row)
+            rb = idx_b[idx_b["prompt"] == slug].head(per_row)
+            if len(ra) != len(rb) or not (ra["seed"].to_numpy() == rb["seed"].to_numpy()).all():
                 raise ValueError(f"{slug}: SD and SD+RL samples do not share seeds")
             save_grid(
-                np.concatenate([img_a[ra], img_b[rb]]),
+                read_images([*ra["path"], *rb["path"]]),
                 rows=2,
                 labels=["SD", "SD+RL"],
                 path=Path(tmp) / f"{slug}.png",

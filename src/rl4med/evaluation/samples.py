@@ -3,13 +3,18 @@
 Seeds derive from (prompt, sample index) only, so SD and SD+RL start every sample from the
 same initial noise (and, with eta > 0, the same per-step noise): samples are paired, and a
 per-sample difference between the models is the effect of DDPO alone.
+
+The metric rules read a model's samples (32 K PNGs at paper scale, 25 GB as uint8) only as a
+stream of batches (``iter_samples``), never all at once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -18,9 +23,12 @@ from tqdm import tqdm
 
 from rl4med.evaluation import SAMPLE_INDEX
 from rl4med.io import atomic_dir
-from rl4med.models.sd import StableDiffusion
 from rl4med.prompts import Prompt, all_slugs, prompt_from_slug
-from rl4med.sampling import sample_images
+
+# torch, diffusers and timm are imported where they are used: reading a few samples (the
+# report's grids) needs none of them, and a metric rule that only reads samples no diffusers
+if TYPE_CHECKING:
+    from rl4med.models.sd import StableDiffusion
 
 INDEX = SAMPLE_INDEX
 log = logging.getLogger(__name__)
@@ -44,6 +52,8 @@ def generate_samples(
     out_dir: str | os.PathLike[str],
 ) -> pd.DataFrame:
     """Write ``n`` PNGs and ``index.csv`` into ``out_dir``, all or nothing (atomic folder)."""
+    from rl4med.sampling import sample_images
+
     if n < 1:
         raise ValueError(f"samples_per_prompt must be at least 1, got {n}")
     seeds = sample_seeds(prompt, n, seed)
@@ -64,8 +74,8 @@ def generate_samples(
     return index
 
 
-def read_samples(folder: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFrame]:
-    """Images uint8 (N, H, W, 3) and the index of one generate job's folder."""
+def read_index(folder: str | os.PathLike[str]) -> pd.DataFrame:
+    """The index of one generate job's folder with each sample's ``path``; every file checked."""
     root = Path(folder)
     if not (root / INDEX).is_file():
         raise ValueError(f"{root}: no {INDEX}; the generate job for this folder did not finish")
@@ -75,22 +85,81 @@ def read_samples(folder: str | os.PathLike[str]) -> tuple[np.ndarray, pd.DataFra
         raise ValueError(
             f"{root}: {len(missing)} samples listed in {INDEX} are missing: {missing[:5]}"
         )
-    images = []
-    for f in index["file"]:
-        with Image.open(root / f) as im:
-            images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-    return np.stack(images), index
+    index["path"] = [str(root / name) for name in index["file"]]
+    return index
 
 
-def read_sample_folders(folders: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
-    """All prompts of one model: images in folder order and one index with the prompt slugs."""
-    parts = [read_samples(f) for f in folders]
-    images = np.concatenate([p[0] for p in parts])
-    index = pd.concat([p[1] for p in parts], ignore_index=True)
-    index["path"] = [
-        str(Path(f) / name) for f, p in zip(folders, parts, strict=True) for name in p[1]["file"]
-    ]
-    return images, index
+def sample_index(folders: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
+    """All folders' index rows in folder order (prompt, sample, seed, file, path); no images."""
+    return pd.concat([read_index(f) for f in folders], ignore_index=True)
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """A sample PNG as RGB uint8 (H, W, 3)."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"), dtype=np.uint8)  # writable, for torch
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read sample image ({err})") from None
+
+
+def read_images(paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
+    """A few samples as uint8 (N, H, W, 3); for a stream of many use ``iter_samples``."""
+    return np.stack([read_image(p) for p in paths])
+
+
+def read_samples(
+    folder: str | os.PathLike[str], limit: int | None = None
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Images uint8 (N, H, W, 3) and the index of one folder; only the first ``limit`` samples
+    (a folder holds up to 1000, 786 MB at 512 px)."""
+    index = read_index(folder)
+    index = index.head(limit) if limit is not None else index
+    return read_images(index["path"].tolist()), index
+
+
+class SampleFiles:
+    """uint8 (H, W, 3) sample images read on demand (a map-style dataset for DataLoader
+    workers; the DataLoader stacks them into tensors)."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return read_image(self.paths[i])
+
+
+def iter_samples(
+    folders: Sequence[str | os.PathLike[str]], batch_size: int = 64, num_workers: int = 0
+) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
+    """(uint8 (B, H, W, 3), index rows) per folder and batch, in index order.
+
+    Peak memory is a few batches however many samples there are; ``num_workers`` processes
+    decode the PNGs. Every folder's index is checked before the first image is read.
+    """
+    from rl4med.data.images import batch_loader, loader_batches
+
+    indexes = [read_index(f) for f in folders]
+    total = sum(len(i) for i in indexes)
+    with tqdm(total=total, desc="samples", unit="img") as bar:
+        for index in indexes:
+            loader = batch_loader(
+                SampleFiles(index["path"]), range(len(index)), batch_size, num_workers
+            )
+            for start, images in zip(
+                range(0, len(index), batch_size), loader_batches(loader), strict=True
+            ):
+                rows = index.iloc[start : start + len(images)].reset_index(drop=True)
+                bar.update(len(rows))
+                yield images.numpy(), rows
+
+
+def prompt_labels(index: pd.DataFrame) -> np.ndarray:
+    """C(prompt) of each row (N, 6): the labels a sample is meant to have."""
+    return np.array([p.labels for p in prompts_of(index)]).reshape(len(index), -1)
 
 
 def prompts_of(index: pd.DataFrame) -> list[Prompt]:

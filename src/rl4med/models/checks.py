@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from rl4med.attributes import ARTIFACTS, ATTRIBUTES, DISEASES
-from rl4med.data.images import ManifestImages
+from rl4med.data.images import loader_batches, manifest_loader, to_float
 from rl4med.data.manifest import read_manifest
 from rl4med.models.classifier import AttributeClassifier, exact_match
 from rl4med.models.sd import StableDiffusion
@@ -28,23 +29,30 @@ def autoencoder_check(
     manifest: str | Path,
     split: str = "val",
     batch_size: int = 64,
+    num_workers: int = 0,
 ) -> pd.DataFrame:
-    """Classifier exact-match and per-attribute accuracy on originals vs reconstructions."""
+    """Classifier exact-match and per-attribute accuracy on originals vs reconstructions.
+
+    Streamed: per batch, the images are encoded and decoded on the model's device and only the
+    predictions and the squared-error sum are kept (all validation images and reconstructions
+    at 512 px would be ~20 GB).
+    """
     df = read_manifest(manifest, split)
-    images, labels = ManifestImages(df, sd.image_size).load_all()
-    recon = torch.cat(
-        [
-            sd.decode_latents(sd.encode_images(images[i : i + batch_size]))
-            .float()
-            .clamp(-1, 1)
-            .cpu()
-            for i in range(0, len(images), batch_size)
-        ]
-    )
-    y = labels.numpy().astype(int)
+    loader = manifest_loader(df, sd.image_size, batch_size, num_workers, sd.device)
+    preds: dict[str, list[np.ndarray]] = {"original": [], "reconstruction": []}
+    labels, sq_err, n_values = [], 0.0, 0
+    for images, y in tqdm(loader_batches(loader), total=len(loader), desc="autoencoder check"):
+        x = to_float(images, sd.device)
+        recon = sd.decode_latents(sd.encode_images(x)).float().clamp(-1, 1)
+        preds["original"].append(classifier.predict(x))
+        preds["reconstruction"].append(classifier.predict(recon))
+        sq_err += float(((recon - x) ** 2).sum(dtype=torch.float64))
+        n_values += x.numel()
+        labels.append(y.numpy().astype(int))
+    y = np.concatenate(labels)
     rows = []
-    for name, x in (("original", images), ("reconstruction", recon)):
-        pred = classifier.predict(x)
+    for name, parts in preds.items():
+        pred = np.concatenate(parts)
         rows.append(
             {
                 "images": name,
@@ -57,7 +65,7 @@ def autoencoder_check(
     base = out["exact_match"].iloc[0]
     ratio = out["exact_match"].iloc[1] / base if base > 0 else float("nan")
     out["ratio_to_original"] = [1.0, ratio]
-    out["mse"] = [0.0, float(((recon - images) ** 2).mean())]
+    out["mse"] = [0.0, sq_err / n_values]
     log.info(
         "autoencoder check: exact match %.3f on originals, %.3f on reconstructions "
         "(ratio %.3f; the models issue asks for >= 0.95)",
@@ -82,35 +90,62 @@ def prompt_adherence(
     guidance_scale: float,
     seed: int = 0,
     batch_size: int = 64,
+    grid_per_prompt: int = 8,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Per prompt and classifier: prompted artifacts drawn, unprompted artifacts, disease right.
 
     ``unprompted_rate`` (any artifact that the prompt does not ask for) is the bias DDPO must
     remove; ``prompted_rate`` (all asked-for artifacts present) is what DDPO can reinforce.
+    Samples are generated and classified a batch at a time; besides the predictions only the
+    first ``grid_per_prompt`` samples of each prompt are kept, for the grid (prompt-major, uint8
+    (len(prompts) * min(grid_per_prompt, samples_per_prompt), H, W, 3)).
     """
     plist = [p for p in prompts for _ in range(samples_per_prompt)]
     seeds = [seed * 1_000_000 + k for k in range(len(plist))]
-    images = sample_images(sd, plist, seeds, num_steps, guidance_scale, batch_size=batch_size)
+    shown = np.arange(len(plist)) % samples_per_prompt < grid_per_prompt
+    preds: dict[str, list[np.ndarray]] = {name: [] for name in classifiers}
+    grid = []
+    for start in range(0, len(plist), batch_size):
+        stop = start + batch_size
+        images = sample_images(
+            sd,
+            plist[start:stop],
+            seeds[start:stop],
+            num_steps,
+            guidance_scale,
+            batch_size=batch_size,
+        )
+        for cname, clf in classifiers.items():
+            preds[cname].append(clf.predict(images))
+        grid.append(images[shown[start:stop]])
     rows = []
+    for cname, parts in preds.items():
+        rows += _adherence_rows(cname, np.concatenate(parts), plist, prompts)
+    return pd.DataFrame(rows), np.concatenate(grid)
+
+
+def _adherence_rows(
+    cname: str, pred: np.ndarray, plist: list[Prompt], prompts: list[Prompt]
+) -> list[dict[str, object]]:
+    """One row per prompt of one classifier's thresholded predictions (N, 6)."""
     art = [ATTRIBUTES.index(a) for a in ARTIFACTS]
-    for cname, clf in classifiers.items():
-        pred = clf.predict(images)
-        for p in prompts:
-            sel = np.array([q == p for q in plist])
-            want = np.array(p.labels)
-            got = pred[sel]
-            asked = [k for k in art if want[k]]
-            not_asked = [k for k in art if not want[k]]
-            rows.append(
-                {
-                    "classifier": cname,
-                    "prompt": p.slug,
-                    "n": int(sel.sum()),
-                    "apr": exact_match(got, np.tile(want, (len(got), 1))),
-                    "disease_correct": float((got[:, :2] == want[:2]).all(1).mean()),
-                    "prompted_rate": float(got[:, asked].all(1).mean()) if asked else float("nan"),
-                    "unprompted_rate": float(got[:, not_asked].any(1).mean()),
-                    **{f"has_{ATTRIBUTES[k]}": float(got[:, k].mean()) for k in art},
-                }
-            )
-    return pd.DataFrame(rows), images
+    rows = []
+    for p in prompts:
+        sel = np.array([q == p for q in plist])
+        want = np.array(p.labels)
+        got = pred[sel]
+        asked = [k for k in art if want[k]]
+        not_asked = [k for k in art if not want[k]]
+        rows.append(
+            {
+                "classifier": cname,
+                "prompt": p.slug,
+                "n": int(sel.sum()),
+                "apr": exact_match(got, np.tile(want, (len(got), 1))),
+                "disease_correct": float((got[:, :2] == want[:2]).all(1).mean()),
+                "prompted_rate": float(got[:, asked].all(1).mean()) if asked else float("nan"),
+                "unprompted_rate": float(got[:, not_asked].any(1).mean()),
+                **{f"has_{ATTRIBUTES[k]}": float(got[:, k].mean()) for k in art},
+            }
+        )
+    return rows

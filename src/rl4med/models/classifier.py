@@ -6,15 +6,20 @@ weights (ink is rare), augmentations that keep artifacts visible (flips, 90-degr
 jitter) and make it robust to generated samples (Gaussian noise, blur), early stopping on
 validation mean F1 and one decision threshold per head tuned on validation. Saved as
 ``model.safetensors`` + ``classifier.json``; ``load_classifier`` is the one loader.
+
+Training and every prediction stream images: uint8 batches from DataLoader workers become float
+on the model's device one batch at a time, so no step holds a data set in memory (70 K images at
+512 px are 220 GB as float). A checkpoint after every epoch lets a killed job resume exactly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,13 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from rl4med.attributes import ATTRIBUTES
-from rl4med.data.images import ManifestImages, to_tensor
+from rl4med.checkpoint import file_digest, fingerprint, load_latest_checkpoint, save_checkpoint
+from rl4med.data.images import (
+    epoch_order,
+    loader_batches,
+    manifest_loader,
+    to_float,
+)
 from rl4med.data.manifest import read_manifest
 from rl4med.io import atomic_dir, write_table
 
@@ -36,6 +47,9 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 METRIC_COLUMNS = ("attribute", "precision", "recall", "f1", "accuracy", "support", "threshold")
+
+
+Images = np.ndarray | torch.Tensor  # uint8 (N, H, W, 3) array or (N, 3, H, W) tensor
 
 
 class ClassifierError(ValueError):
@@ -78,34 +92,38 @@ class AttributeClassifier(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(self._prepare(images))
 
+    def _device_batches(self, images: Images, batch_size: int) -> Iterator[torch.Tensor]:
+        """Float batches in [-1, 1] on the model's device, converted one batch at a time."""
+        dev = self.mean.device
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size]
+            if isinstance(x, np.ndarray):  # uint8 (B, H, W, 3), as samples are stored
+                x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
+            yield to_float(x, dev) if x.dtype == torch.uint8 else x.to(dev)
+
     @torch.inference_mode()
-    def features(self, images: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def features(self, images: Images, batch_size: int = 256) -> np.ndarray:
         """Penultimate (pooled, pre-logit) features (N, D): the judge's space for FD."""
         self.eval()
-        if isinstance(images, np.ndarray):
-            images = to_tensor(images)
-        dev, out = self.mean.device, []
-        for i in range(0, len(images), batch_size):
-            x = self._prepare(images[i : i + batch_size].to(dev))
+        out = []
+        for x in self._device_batches(images, batch_size):
+            x = self._prepare(x)
             feats = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
             out.append(feats.float().cpu())
         width = int(self.backbone.num_features)
         return torch.cat(out).numpy() if out else np.zeros((0, width), np.float32)
 
     @torch.inference_mode()
-    def predict_proba(self, images: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Sigmoid outputs (N, 6); images as uint8 (N, H, W, 3) or float in [-1, 1]."""
+    def predict_proba(self, images: Images, batch_size: int = 256) -> np.ndarray:
+        """Sigmoid outputs (N, 6); images as uint8 (N, H, W, 3) arrays, uint8 (N, 3, H, W)
+        tensors or float tensors in [-1, 1]."""
         self.eval()
-        if isinstance(images, np.ndarray):
-            images = to_tensor(images)
-        dev = self.mean.device
         out = [
-            torch.sigmoid(self(images[i : i + batch_size].to(dev))).cpu()
-            for i in range(0, len(images), batch_size)
+            torch.sigmoid(self(x)).float().cpu() for x in self._device_batches(images, batch_size)
         ]
         return torch.cat(out).numpy() if out else np.zeros((0, len(ATTRIBUTES)))
 
-    def predict(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
+    def predict(self, images: Images) -> np.ndarray:
         """Thresholded 0/1 predictions (N, 6) with the per-head thresholds tuned on validation."""
         return (self.predict_proba(images) >= self.thresholds.cpu().numpy()).astype(int)
 
@@ -216,7 +234,39 @@ def binary_metrics_f1(t: np.ndarray, p: np.ndarray) -> float:
     return float(2 * tp / denom) if denom else 0.0
 
 
+# ------------------------------------------------------------------------------ streaming
+
+
+@torch.inference_mode()
+def stream_probs(
+    model: AttributeClassifier,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    sigmas: Sequence[float] = (0.0,),
+    seed: int = 0,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Sigmoid outputs of every image of ``batches``, once per added Gaussian noise level (the
+    images are read once for all levels), and the labels (N, 6)."""
+    dev = model.mean.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    probs: list[list[np.ndarray]] = [[] for _ in sigmas]
+    labels = []
+    for images, y in batches:
+        x = to_float(images, dev)
+        for k, sigma in enumerate(sigmas):
+            noisy = x
+            if sigma > 0:
+                noise = torch.randn(x.shape, generator=gen, device=dev)
+                noisy = (x + sigma * noise).clamp(-1, 1)
+            probs[k].append(model.predict_proba(noisy))
+        labels.append(y.numpy())
+    width = len(ATTRIBUTES)
+    stack = [np.concatenate(p) if p else np.zeros((0, width)) for p in probs]
+    return stack, (np.concatenate(labels) if labels else np.zeros((0, width)))
+
+
 # ------------------------------------------------------------------------------ training
+
+MIXED_PRECISION = ("no", "bf16")
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, noise_max: float, blur_p: float) -> torch.Tensor:
@@ -224,50 +274,60 @@ def augment(x: torch.Tensor, gen: torch.Generator, noise_max: float, blur_p: flo
 
     Geometric moves keep every artifact visible (a ruler stays along an edge); noise and blur
     mimic the residual noise of generated samples, which a classifier trained on clean images
-    reads as hair (shared/notes).
+    reads as hair (shared/notes). Random draws come from ``gen`` on ``x``'s device.
     """
-    b = x.shape[0]
-    if torch.rand((), generator=gen) < 0.5:
+    b, dev = x.shape[0], x.device
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=gen, device=dev)
+
+    if rand() < 0.5:
         x = x.flip(-1)
-    if torch.rand((), generator=gen) < 0.5:
+    if rand() < 0.5:
         x = x.flip(-2)
-    x = torch.rot90(x, int(torch.randint(0, 4, (), generator=gen)), dims=(-2, -1))
-    scale = 1 + 0.15 * (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1)
-    shift = 0.1 * (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1)
+    x = torch.rot90(x, int(torch.randint(0, 4, (), generator=gen, device=dev)), dims=(-2, -1))
+    scale = 1 + 0.15 * (rand(b, 1, 1, 1) * 2 - 1)
+    shift = 0.1 * (rand(b, 1, 1, 1) * 2 - 1)
     x = x * scale + shift
     if blur_p > 0:
-        blur = torch.rand(b, generator=gen) < blur_p
+        blur = rand(b) < blur_p
         if blur.any():
-            k = torch.tensor([0.25, 0.5, 0.25])
+            k = torch.tensor([0.25, 0.5, 0.25], device=dev, dtype=x.dtype)
             kernel = (k[:, None] * k[None, :]).expand(3, 1, 3, 3)
             x[blur] = F.conv2d(F.pad(x[blur], (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
-    sigma = torch.rand(b, 1, 1, 1, generator=gen) * noise_max
-    x = x + sigma * torch.randn(x.shape, generator=gen)
+    sigma = rand(b, 1, 1, 1) * noise_max
+    x = x + sigma * torch.randn(x.shape, generator=gen, device=dev)
     return x.clamp(-1, 1)
 
 
-def train_classifier(
-    manifest_path: str | Path,
-    out_dir: str | Path,
-    metrics_tsv: str | Path,
-    robustness_tsv: str | Path,
-    cfg: Mapping[str, Any],
-) -> pd.DataFrame:
-    """Train on the training split, tune thresholds on validation, report on test.
+def derived_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (seed, epoch, batch): a resumed run draws the same.
 
-    ``cfg``: architecture, pretrained_file, image_size, seed, epochs, patience, batch_size,
-    learning_rate, weight_decay, max_pos_weight, noise_max, blur_p.
+    A hash, so (0, 1) and (0, 1, 0) differ (numpy's SeedSequence drops trailing zero words).
     """
-    seed = int(cfg["seed"])
-    torch.manual_seed(seed)
-    size = int(cfg["image_size"])
-    t0 = time.perf_counter()
-    train_df, val_df, test_df = (read_manifest(manifest_path, s) for s in ("train", "val", "test"))
-    for name, part in (("train", train_df), ("val", val_df), ("test", test_df)):
-        if part.empty:
-            raise ValueError(f"{manifest_path}: split {name!r} is empty")
-    x_train, y_train = ManifestImages(train_df, size).load_all()
-    x_val, y_val = ManifestImages(val_df, size).load_all()
+    text = ",".join(str(int(p)) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+
+
+@dataclass
+class _Training:
+    """What an epoch needs and what a checkpoint restores."""
+
+    model: AttributeClassifier
+    opt: torch.optim.Optimizer
+    lr_sched: torch.optim.lr_scheduler.LRScheduler
+    pos_weight: torch.Tensor
+    autocast: bool
+    epoch: int = 0
+    best_f1: float = -1.0
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
+    stopped: bool = False
+
+
+def _setup(cfg: Mapping[str, Any], train_df: pd.DataFrame, device: torch.device) -> _Training:
+    """Model, loss weights, optimizer and schedule on ``device``, seeded by ``cfg['seed']``."""
+    seed, size = int(cfg["seed"]), int(cfg["image_size"])
     pretrained = cfg.get("pretrained_file") or None
     spec = ClassifierSpec(
         architecture=str(cfg["architecture"]),
@@ -277,57 +337,196 @@ def train_classifier(
         mean=IMAGENET_MEAN if pretrained else (0.5, 0.5, 0.5),
         std=IMAGENET_STD if pretrained else (0.5, 0.5, 0.5),
     )
-    model = AttributeClassifier(spec, create_backbone(spec.architecture, pretrained))
-    pos = y_train.sum(0)
-    pos_weight = ((len(y_train) - pos) / pos.clamp(min=1)).clamp(1.0, float(cfg["max_pos_weight"]))
+    torch.manual_seed(seed)
+    model = AttributeClassifier(spec, create_backbone(spec.architecture, pretrained)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    y = torch.tensor(train_df[list(ATTRIBUTES)].to_numpy(), dtype=torch.float32)
+    pos = y.sum(0)
+    pos_weight = ((len(y) - pos) / pos.clamp(min=1)).clamp(1.0, float(cfg["max_pos_weight"]))
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=float(cfg["learning_rate"]),
         weight_decay=float(cfg.get("weight_decay", 1e-4)),
     )
-    epochs, bs = int(cfg["epochs"]), int(cfg["batch_size"])
-    steps = epochs * max(1, len(x_train) // bs)
+    steps = int(cfg["epochs"]) * max(1, len(train_df) // int(cfg["batch_size"]))
     lr_sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, float(cfg["learning_rate"]), total_steps=steps, pct_start=0.15
     )
-    gen = torch.Generator().manual_seed(seed)
-    best_f1, best_state, bad_epochs = -1.0, None, 0
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(x_train), generator=gen)
-        losses = []
-        for i in tqdm(range(0, len(order) - bs + 1, bs), desc=f"epoch {epoch + 1}/{epochs}"):
-            idx = order[i : i + bs]
-            x = augment(x_train[idx].clone(), gen, float(cfg["noise_max"]), float(cfg["blur_p"]))
-            loss = F.binary_cross_entropy_with_logits(model(x), y_train[idx], pos_weight=pos_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            lr_sched.step()
-            losses.append(loss.item())
-        probs = model.predict_proba(x_val)
-        f1 = binary_metrics(y_val.numpy(), probs >= 0.5)["f1"].mean()
-        log.info("epoch %d: train loss %.4f, val mean F1 %.4f", epoch + 1, np.mean(losses), f1)
-        if f1 > best_f1 + 1e-4:
-            best_f1, bad_epochs = f1, 0
-            best_state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-        else:
-            bad_epochs += 1
-            if bad_epochs >= int(cfg.get("patience", 3)):
-                log.info("early stop after epoch %d (best val mean F1 %.4f)", epoch + 1, best_f1)
-                break
-    model.backbone.load_state_dict(best_state)
-    probs = model.predict_proba(x_val)
-    spec.thresholds = tune_thresholds(y_val.numpy(), probs)
-    model.thresholds = torch.tensor(spec.thresholds)
-    spec.val_mean_f1 = float(binary_metrics(y_val.numpy(), probs >= spec.thresholds)["f1"].mean())
+    precision = str(cfg.get("mixed_precision", "bf16"))
+    if precision not in MIXED_PRECISION:
+        raise ValueError(f"classifier mixed_precision {precision!r}: use one of {MIXED_PRECISION}")
+    autocast = precision == "bf16" and device.type == "cuda"
+    return _Training(model, opt, lr_sched, pos_weight.to(device), autocast)
+
+
+def _resume(run: _Training, checkpoint_dir: str | Path | None, run_id: str) -> None:
+    """Continue from the newest checkpoint of this configuration and manifest, if any."""
+    ckpt = load_latest_checkpoint(checkpoint_dir, run_id) if checkpoint_dir else None
+    if ckpt is None:
+        return
+    run.model.backbone.load_state_dict(ckpt.model)
+    run.opt.load_state_dict(ckpt.extra["optimizer"])
+    run.lr_sched.load_state_dict(ckpt.extra["lr_scheduler"])
+    run.best_state = ckpt.extra["best_state"]
+    run.epoch, run.best_f1 = ckpt.step, float(ckpt.state["best_f1"])
+    run.bad_epochs, run.stopped = int(ckpt.state["bad_epochs"]), bool(ckpt.state["stopped"])
+    log.info("resuming classifier training from %s/step_%08d", checkpoint_dir, ckpt.step)
+
+
+def _train_epoch(
+    run: _Training, train_df: pd.DataFrame, cfg: Mapping[str, Any], num_workers: int
+) -> float:
+    """One pass over the training split in the epoch's seeded order; the mean loss."""
+    seed, bs, epoch = int(cfg["seed"]), int(cfg["batch_size"]), run.epoch
+    model, dev = run.model, run.model.mean.device
+    torch.manual_seed(derived_seed(seed, epoch))  # dropout-like layers: the same on resume
+    order = epoch_order(len(train_df), seed, epoch)
+    loader = manifest_loader(
+        train_df, int(cfg["image_size"]), bs, num_workers, dev, order, drop_last=True
+    )
+    model.train()
+    losses = []
+    desc = f"epoch {epoch + 1}/{cfg['epochs']}"
+    for b, (images, y) in enumerate(tqdm(loader_batches(loader), total=len(loader), desc=desc)):
+        gen = torch.Generator(device=dev).manual_seed(derived_seed(seed, epoch, b))
+        x = augment(to_float(images, dev), gen, float(cfg["noise_max"]), float(cfg["blur_p"]))
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=run.autocast):
+            logits = model(x)
+        loss = F.binary_cross_entropy_with_logits(
+            logits.float(), y.to(dev, non_blocking=True), pos_weight=run.pos_weight
+        )
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.opt.step()
+        run.lr_sched.step()
+        losses.append(loss.item())
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def _validate(run: _Training, val_df: pd.DataFrame, cfg: Mapping[str, Any], workers: int) -> None:
+    """Validation mean F1 at 0.5; keep the best weights, count epochs without improvement."""
+    loader = manifest_loader(
+        val_df, int(cfg["image_size"]), int(cfg["batch_size"]), workers, run.model.mean.device
+    )
+    (probs,), y = stream_probs(run.model, loader_batches(loader))
+    f1 = float(binary_metrics(y, probs >= 0.5)["f1"].mean())
+    log.info("epoch %d: val mean F1 %.4f", run.epoch + 1, f1)
+    if f1 > run.best_f1 + 1e-4:
+        run.best_f1, run.bad_epochs = f1, 0
+        run.best_state = {
+            k: v.detach().cpu().clone() for k, v in run.model.backbone.state_dict().items()
+        }
+    else:
+        run.bad_epochs += 1
+        if run.bad_epochs >= int(cfg.get("patience", 3)):
+            log.info(
+                "early stop after epoch %d (best val mean F1 %.4f)", run.epoch + 1, run.best_f1
+            )
+            run.stopped = True
+
+
+def _save_epoch(run: _Training, checkpoint_dir: str | Path | None, run_id: str) -> None:
+    if not checkpoint_dir:
+        return
+    save_checkpoint(
+        checkpoint_dir,
+        run.epoch,
+        run.model.backbone.state_dict(),
+        {
+            "optimizer": run.opt.state_dict(),
+            "lr_scheduler": run.lr_sched.state_dict(),
+            "best_state": run.best_state,
+        },
+        {
+            "fingerprint": run_id,
+            "best_f1": run.best_f1,
+            "bad_epochs": run.bad_epochs,
+            "stopped": run.stopped,
+        },
+    )
+
+
+def train_classifier(
+    manifest_path: str | Path,
+    out_dir: str | Path,
+    metrics_tsv: str | Path,
+    robustness_tsv: str | Path,
+    cfg: Mapping[str, Any],
+    *,
+    device: torch.device | str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    num_workers: int = 0,
+) -> pd.DataFrame:
+    """Train on the training split, tune thresholds on validation, report on test.
+
+    ``cfg``: architecture, pretrained_file, image_size, seed, epochs, patience, batch_size,
+    learning_rate, weight_decay, max_pos_weight, noise_max, blur_p, mixed_precision. Model and
+    batches live on ``device``; ``num_workers`` DataLoader processes decode the images; with
+    ``checkpoint_dir`` every epoch is checkpointed and a re-run resumes from the last one (the
+    batches and augmentations of an epoch depend only on (seed, epoch, batch)).
+    """
+    device = torch.device(device or "cpu")
+    t0 = time.perf_counter()
+    train_df, val_df, test_df = (read_manifest(manifest_path, s) for s in ("train", "val", "test"))
+    for name, part in (("train", train_df), ("val", val_df), ("test", test_df)):
+        if part.empty:
+            raise ValueError(f"{manifest_path}: split {name!r} is empty")
+    run = _setup(cfg, train_df, device)
+    run_id = fingerprint(dict(cfg), file_digest(manifest_path))
+    _resume(run, checkpoint_dir, run_id)
+    while run.epoch < int(cfg["epochs"]) and not run.stopped:
+        loss = _train_epoch(run, train_df, cfg, num_workers)
+        log.info("epoch %d: train loss %.4f", run.epoch + 1, loss)
+        _validate(run, val_df, cfg, num_workers)
+        run.epoch += 1
+        _save_epoch(run, checkpoint_dir, run_id)
+    metrics = _finish(run, val_df, test_df, cfg, out_dir, metrics_tsv, robustness_tsv, num_workers)
+    log.info(
+        "classifier %s on %s: test F1 %s, exact match %.3f, %.0f s",
+        cfg["architecture"],
+        device,
+        dict(zip(ATTRIBUTES, metrics["f1"].round(3).tolist(), strict=False)),
+        metrics["accuracy"].iloc[-1],
+        time.perf_counter() - t0,
+    )
+    return metrics
+
+
+def _finish(
+    run: _Training,
+    val_df: pd.DataFrame,
+    test_df: pd.DataFrame,
+    cfg: Mapping[str, Any],
+    out_dir: str | Path,
+    metrics_tsv: str | Path,
+    robustness_tsv: str | Path,
+    workers: int,
+) -> pd.DataFrame:
+    """Best weights, thresholds tuned on validation, the classifier saved, test metrics and the
+    noise-robustness table written."""
+    model, size, bs = run.model, int(cfg["image_size"]), int(cfg["batch_size"])
+    dev = model.mean.device
+    if run.best_state is not None:
+        model.backbone.load_state_dict(run.best_state)
+    (probs,), y_val = stream_probs(
+        model, loader_batches(manifest_loader(val_df, size, bs, workers, dev))
+    )
+    spec = model.spec
+    spec.thresholds = tune_thresholds(y_val, probs)
+    model.thresholds = torch.tensor(spec.thresholds, device=dev)
+    spec.val_mean_f1 = float(binary_metrics(y_val, probs >= spec.thresholds)["f1"].mean())
     save_classifier(model, out_dir)
 
-    x_test, y_test = ManifestImages(test_df, size).load_all()
-    test_pred = model.predict(x_test)
-    metrics = binary_metrics(y_test.numpy(), test_pred)
+    (test_probs,), y_test = stream_probs(
+        model, loader_batches(manifest_loader(test_df, size, bs, workers, dev))
+    )
+    test_pred = (test_probs >= np.array(spec.thresholds)).astype(int)
+    metrics = binary_metrics(y_test, test_pred)
     metrics["threshold"] = spec.thresholds
-    exact = exact_match(test_pred, y_test.numpy())
+    exact = exact_match(test_pred, y_test)
     metrics = pd.concat(
         [
             metrics,
@@ -336,34 +535,27 @@ def train_classifier(
         ignore_index=True,
     )
     write_table(metrics[list(METRIC_COLUMNS)], metrics_tsv)
-    write_table(robustness(model, x_val, y_val.numpy(), seed), robustness_tsv)
-    log.info(
-        "classifier %s: test F1 %s, exact match %.3f, %.0f s",
-        spec.architecture,
-        dict(zip(ATTRIBUTES, metrics["f1"].round(3).tolist(), strict=False)),
-        exact,
-        time.perf_counter() - t0,
-    )
+    val_batches = loader_batches(manifest_loader(val_df, size, bs, workers, dev))
+    write_table(robustness(model, val_batches, int(spec.seed)), robustness_tsv)
     return metrics
 
 
 def robustness(
     model: AttributeClassifier,
-    x: torch.Tensor,
-    y: np.ndarray,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     seed: int,
     sigmas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2),
 ) -> pd.DataFrame:
-    """Per-head F1 and exact match on validation copies with added Gaussian noise."""
-    gen = torch.Generator().manual_seed(seed + 17)
+    """Per-head F1 and exact match on validation images with added Gaussian noise."""
+    probs, y = stream_probs(model, batches, sigmas, seed + 17)
+    thresholds = model.thresholds.cpu().numpy()
     rows = []
-    for s in sigmas:
-        noisy = (x + s * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
-        pred = model.predict(noisy)
+    for sigma, p in zip(sigmas, probs, strict=True):
+        pred = (p >= thresholds).astype(int)
         m = binary_metrics(y, pred)
         rows.append(
             {
-                "noise_sigma": s,
+                "noise_sigma": sigma,
                 **dict(zip(m["attribute"], m["f1"], strict=True)),
                 "exact_match": exact_match(pred, y),
             }

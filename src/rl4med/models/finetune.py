@@ -3,16 +3,19 @@
 VAE and text encoder stay frozen. Denoising MSE under the DDPM noise schedule (target: the
 noise for ``epsilon``, the velocity for ``v_prediction``, the clean latents for ``sample``),
 AdamW with warm-up, prompt dropout for classifier-free guidance, optional EMA and gradient
-checkpointing, mixed precision and multi-GPU through accelerate.
-Every random draw comes from (seed, step), so a run resumed from a checkpoint ends exactly as
-an uninterrupted one.
+checkpointing, mixed precision and several processes (GPUs) through accelerate.
+Every random draw of a step (prompt dropout, noise, timesteps) is made for the GLOBAL batch
+from one generator seeded by (seed, step), and each process takes its slice: a run resumed from
+a checkpoint ends exactly as an uninterrupted one, and N processes train the same model as one
+(up to the order of floating-point sums).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +35,13 @@ from rl4med.checkpoint import (
     save_checkpoint,
     weights_signature,
 )
-from rl4med.data.images import ManifestImages, to_float
+from rl4med.data.images import ManifestImages, batch_loader, epoch_order, to_float
 from rl4med.data.manifest import read_manifest
 from rl4med.io import write_table
 from rl4med.models.sd import StableDiffusion
 from rl4med.models.trainable import merge_adapters, select_trainable, trainable
 from rl4med.prompts import all_prompts, prompt_from_labels
+from rl4med.tracking import make_accelerator, start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +69,11 @@ def diffusion_loss(
     sched: DDPMScheduler,
     latents: torch.Tensor,
     embeddings: torch.Tensor,
-    generator: torch.Generator,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
 ) -> torch.Tensor:
-    """The denoising loss of one batch: noise, timesteps and target follow the scheduler."""
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    t = torch.randint(
-        0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator
-    ).to(latents.device)
+    """The denoising loss of one batch; the target follows the scheduler's prediction type."""
+    noise, t = noise.to(latents), timesteps.to(latents.device)
     noisy = sched.add_noise(latents, noise, t)
     if sched.config.prediction_type == "epsilon":
         target = noise
@@ -85,8 +87,59 @@ def diffusion_loss(
     return F.mse_loss(pred.float(), target.float())
 
 
-def _order(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def _local_batches(
+    data: ManifestImages,
+    seed: int,
+    batch_size: int,
+    start: int,
+    accel: Accelerator,
+    workers: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's slice of every global batch from step ``start`` on, endlessly.
+
+    Global batch ``pos`` of an epoch is ``epoch_order(n, seed, epoch)[pos * bs : (pos + 1) * bs]``
+    (the remainder of an epoch is dropped); process r of N reads its r-th contiguous
+    ``bs / N`` images, decoded by ``workers`` DataLoader workers.
+    """
+    per_epoch = len(data) // batch_size
+    local = batch_size // accel.num_processes
+    first = accel.process_index * local
+    epoch, pos = divmod(start, per_epoch)
+    while True:
+        order = epoch_order(len(data), seed, epoch)
+        mine = [
+            order[p * batch_size + first : p * batch_size + first + local]
+            for p in range(pos, per_epoch)
+        ]
+        yield from batch_loader(
+            data,
+            np.concatenate(mine),
+            local,
+            num_workers=workers,
+            pin_memory=accel.device.type == "cuda",
+        )
+        epoch, pos = epoch + 1, 0
+
+
+def _global_draws(
+    seed: int, step: int, batch_size: int, latent_shape: tuple[int, ...], num_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt dropout, noise and timesteps of the whole global batch of ``step``."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    u = torch.rand(batch_size, generator=gen)
+    noise = torch.randn((batch_size, *latent_shape), generator=gen)
+    t = torch.randint(0, num_timesteps, (batch_size,), generator=gen)
+    return u, noise, t
+
+
+def restore_ema(ema: EMAModel, state: Mapping[str, Any], device: torch.device) -> None:
+    """Load an EMA state read from a checkpoint (on the CPU) and move it to the model's device.
+
+    diffusers' ``EMAModel.load_state_dict`` keeps the tensors where they were loaded; the next
+    ``ema.step`` on GPU parameters would then fail with a device mismatch.
+    """
+    ema.load_state_dict(dict(state))
+    ema.to(device)
 
 
 def finetune(
@@ -96,125 +149,41 @@ def finetune(
     loss_tsv: str | Path,
     checkpoint_dir: str | Path,
     cfg: Mapping[str, Any],
+    *,
+    device: torch.device | None = None,
+    tracking: Mapping[str, Any] | None = None,
+    workers: int = 0,
 ) -> pd.DataFrame:
     """Train ``sd.unet`` on the training split and save the whole model to ``out_dir``.
 
-    ``cfg`` is ``config["finetune_sd"]``: max_steps, batch_size, learning_rate, weight_decay,
-    warmup_steps, prompt_dropout, grad_clip, checkpoint_every, log_every, seed, ema_decay (0 =
-    off), lora_rank (0 = full UNet), gradient_checkpointing, mixed_precision.
+    ``cfg`` is ``config["finetune_sd"]``: max_steps, batch_size (the global batch, split over
+    the processes), learning_rate, weight_decay, warmup_steps, prompt_dropout, grad_clip,
+    checkpoint_every, log_every, seed, ema_decay (0 = off), lora_rank (0 = full UNet),
+    gradient_checkpointing, mixed_precision. ``device``: CPU when None; under ``accelerate
+    launch`` each process takes its own GPU. ``tracking``: ``{"log_with":
+    none|tensorboard|wandb, "dir": folder of this run's event files}`` or None. ``workers``:
+    DataLoader worker processes decoding the images.
     """
-    seed, max_steps, bs = int(cfg["seed"]), int(cfg["max_steps"]), int(cfg["batch_size"])
-    accel = Accelerator(mixed_precision=str(cfg.get("mixed_precision", "no")))
-    sd.to(accel.device)
-    sd.freeze_frozen_parts()
-    unet = sd.unet
-    unet.train()
-    lora_rank = int(cfg.get("lora_rank", 0))
-    # the full UNet, or low-rank adapters of the attention projections
-    select_trainable(unet, "lora" if lora_rank > 0 else "full", lora_rank)
-    if cfg.get("gradient_checkpointing", False):
-        unet.enable_gradient_checkpointing()
-    train = read_manifest(manifest_path, split="train")
-    if train.empty:
-        raise ValueError(f"{manifest_path}: no training images (split 'train' is empty)")
-    data = ManifestImages(train, sd.image_size)
-    bank = PromptBank(sd)
-    opt = torch.optim.AdamW(
-        trainable(unet),
-        lr=float(cfg["learning_rate"]),
-        weight_decay=float(cfg.get("weight_decay", 1e-2)),
+    log_with = str(tracking.get("log_with", "none")) if tracking else "none"
+    folder = Path(tracking["dir"]) if tracking and log_with != "none" else None
+    # the tracker writes into <logging dir>/<run name>: the run's folder itself
+    accel = make_accelerator(
+        device or torch.device("cpu"),
+        str(cfg.get("mixed_precision", "no")),
+        log_with,
+        folder and folder.parent,
     )
-    warmup = int(cfg.get("warmup_steps", 0))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
-    ema_decay = float(cfg.get("ema_decay", 0.0))
-    ema = EMAModel(trainable(unet), decay=ema_decay) if ema_decay > 0 else None
-
-    history: list[dict[str, float]] = []
-    start = 0
-    # what determines the trained weights: settings (more steps or other logging may resume),
-    # the base model and the data
-    run_id = fingerprint(
-        {k: v for k, v in cfg.items() if k not in ("max_steps", "checkpoint_every", "log_every")},
-        sd.unet.config,
-        weights_signature(sd.unet),
-        file_digest(manifest_path),
-    )
-    ckpt = load_latest_checkpoint(checkpoint_dir, run_id)
-    if ckpt is not None and ckpt.step > max_steps:
-        log.warning(
-            "checkpoint at step %d is past max_steps=%d; training from the start",
-            ckpt.step,
-            max_steps,
-        )
-        ckpt = None
-    if ckpt is not None:
-        unet.load_state_dict(ckpt.model)
-        opt.load_state_dict(ckpt.extra["optimizer"])
-        sched.load_state_dict(ckpt.extra["lr_scheduler"])
-        if ema is not None:
-            ema.load_state_dict(ckpt.extra["ema"])
-        history = ckpt.state.get("history", [])
-        start = ckpt.step
-        log.info("resuming stage i from %s/step_%08d", checkpoint_dir, start)
-    unet, opt = accel.prepare(unet, opt)
-
-    steps_per_epoch = max(1, len(data) // bs)
-    dropout = float(cfg.get("prompt_dropout", 0.1))
-    every, log_every = int(cfg.get("checkpoint_every", 100)), int(cfg.get("log_every", 10))
-    running, t0 = [], time.perf_counter()
-    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc="stage i")
-    for step in bar:
-        epoch, pos = divmod(step, steps_per_epoch)
-        idx = _order(len(data), seed, epoch)[pos * bs : (pos + 1) * bs]
-        idx = idx[accel.process_index :: accel.num_processes]  # each GPU its share of the batch
-        images, labels = zip(*(data[int(i)] for i in idx), strict=True)
-        gen = torch.Generator().manual_seed(
-            (seed * 1_000_003 + step) * accel.num_processes + accel.process_index
-        )
-        prompt_idx = bank.indices(torch.stack(labels))
-        drop = torch.rand(len(idx), generator=gen) < dropout
-        prompt_idx[drop] = bank.null_index
-        latents = sd.encode_images(to_float(torch.stack(images), accel.device))
-        with accel.autocast():
-            loss = diffusion_loss(
-                unet, sd.scheduler, latents, bank.embeddings[prompt_idx].to(accel.device), gen
-            )
-        accel.backward(loss)
-        if cfg.get("grad_clip"):
-            accel.clip_grad_norm_(trainable(unet), float(cfg["grad_clip"]))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(trainable(accel.unwrap_model(unet)))
-        running.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == max_steps:
-            history.append(
-                {
-                    "step": step + 1,
-                    "loss": float(np.mean(running)),
-                    "lr": sched.get_last_lr()[0],
-                    "seconds": round(time.perf_counter() - t0, 2),
-                }
-            )
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-            log.info("step %d loss %.4f", step + 1, history[-1]["loss"])
-            running = []
-        if ((step + 1) % every == 0 or step + 1 == max_steps) and accel.is_main_process:
-            extra = {"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()}
-            if ema is not None:
-                extra["ema"] = ema.state_dict()
-            save_checkpoint(
-                checkpoint_dir,
-                step + 1,
-                accel.unwrap_model(unet).state_dict(),
-                extra,
-                {"history": history, "fingerprint": run_id},
-            )
+    run = _setup(sd, manifest_path, checkpoint_dir, cfg, accel, workers)
+    start, history = _resume(run)
+    # DDP wrapper when several processes train: gradients are averaged across them
+    run.unet, run.opt = accel.prepare(run.unet, run.opt)
+    if folder is not None and accel.is_main_process:  # the tracker lives on rank 0
+        start_tracking(accel, folder.name, cfg)
+    history = _train(run, start, history)
     accel.wait_for_everyone()
-    unet = accel.unwrap_model(unet)
-    if ema is not None:
-        ema.copy_to(trainable(unet))
+    unet = accel.unwrap_model(run.unet)
+    if run.ema is not None:
+        run.ema.copy_to(trainable(unet))
     merge_adapters(unet)  # with LoRA, the saved UNet is a plain one with adapters merged in
     unet.eval()
     sd.unet = unet
@@ -229,4 +198,190 @@ def finetune(
             curve["loss"].iloc[0],
             curve["loss"].iloc[-1],
         )
+    accel.wait_for_everyone()
+    accel.end_training()
     return curve
+
+
+@dataclass
+class _Run:
+    """What every step of one stage-i run uses."""
+
+    sd: StableDiffusion
+    unet: torch.nn.Module  # the DDP wrapper once prepared
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    ema: EMAModel | None
+    bank: PromptBank
+    data: ManifestImages
+    cfg: Mapping[str, Any]
+    accel: Accelerator
+    checkpoint_dir: Path
+    run_id: str
+    workers: int
+
+
+def _setup(
+    sd: StableDiffusion,
+    manifest_path: str | Path,
+    checkpoint_dir: str | Path,
+    cfg: Mapping[str, Any],
+    accel: Accelerator,
+    workers: int,
+) -> _Run:
+    """Model on the device, trained parameters, optimizer, schedule, EMA, data, run id."""
+    bs = int(cfg["batch_size"])
+    if bs % accel.num_processes:
+        raise ValueError(
+            f"finetune_sd.batch_size {bs} must be divisible by the {accel.num_processes} "
+            "processes (resources.finetune_sd.processes): each takes an equal slice"
+        )
+    train = read_manifest(manifest_path, split="train")
+    if len(train) < bs:
+        raise ValueError(
+            f"{manifest_path}: {len(train)} training images, fewer than finetune_sd.batch_size {bs}"
+        )
+    sd.to(accel.device)
+    sd.freeze_frozen_parts()
+    unet = sd.unet
+    unet.train()
+    # what determines the trained weights: settings (more steps or other logging may resume),
+    # the base model and the data
+    run_id = fingerprint(
+        {k: v for k, v in cfg.items() if k not in ("max_steps", "checkpoint_every", "log_every")},
+        unet.config,
+        weights_signature(unet),
+        file_digest(manifest_path),
+    )
+    lora_rank = int(cfg.get("lora_rank", 0))
+    # the full UNet, or low-rank adapters of the attention projections
+    select_trainable(unet, "lora" if lora_rank > 0 else "full", lora_rank)
+    if cfg.get("gradient_checkpointing", False):
+        unet.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(
+        trainable(unet),
+        lr=float(cfg["learning_rate"]),
+        weight_decay=float(cfg.get("weight_decay", 1e-2)),
+    )
+    warmup = int(cfg.get("warmup_steps", 0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
+    ema_decay = float(cfg.get("ema_decay", 0.0))
+    ema = EMAModel(trainable(unet), decay=ema_decay) if ema_decay > 0 else None
+    data = ManifestImages(train, sd.image_size)
+    return _Run(
+        sd,
+        unet,
+        opt,
+        sched,
+        ema,
+        PromptBank(sd),
+        data,
+        cfg,
+        accel,
+        Path(checkpoint_dir),
+        run_id,
+        workers,
+    )
+
+
+def _resume(run: _Run) -> tuple[int, list[dict[str, float]]]:
+    """Load the last checkpoint of this run, if any: (first step to train, logged history)."""
+    max_steps = int(run.cfg["max_steps"])
+    ckpt = load_latest_checkpoint(run.checkpoint_dir, run.run_id)
+    if ckpt is not None and ckpt.step > max_steps:
+        log.warning(
+            "checkpoint at step %d is past max_steps=%d; training from the start",
+            ckpt.step,
+            max_steps,
+        )
+        ckpt = None
+    if ckpt is None:
+        return 0, []
+    run.unet.load_state_dict(ckpt.model)
+    run.opt.load_state_dict(ckpt.extra["optimizer"])
+    run.sched.load_state_dict(ckpt.extra["lr_scheduler"])
+    if run.ema is not None:
+        restore_ema(run.ema, ckpt.extra["ema"], run.accel.device)
+    if run.accel.scaler is not None and "grad_scaler" in ckpt.extra:
+        run.accel.scaler.load_state_dict(ckpt.extra["grad_scaler"])
+    log.info("resuming stage i from %s/step_%08d", run.checkpoint_dir, ckpt.step)
+    return ckpt.step, ckpt.state.get("history", [])
+
+
+def _train(run: _Run, start: int, history: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Steps ``start`` .. max_steps: each process its slice of the global batch; DDP averages
+    the gradients, so the update is the global batch's."""
+    cfg, accel, sd, unet = run.cfg, run.accel, run.sd, run.unet
+    seed, max_steps, bs = int(cfg["seed"]), int(cfg["max_steps"]), int(cfg["batch_size"])
+    local = bs // accel.num_processes
+    mine = slice(accel.process_index * local, (accel.process_index + 1) * local)
+    dropout = float(cfg.get("prompt_dropout", 0.1))
+    every, log_every = int(cfg.get("checkpoint_every", 100)), int(cfg.get("log_every", 10))
+    running, t0 = [], time.perf_counter()
+    batches = _local_batches(run.data, seed, bs, start, accel, run.workers)
+    bar = tqdm(
+        range(start, max_steps),
+        initial=start,
+        total=max_steps,
+        desc="stage i",
+        disable=not accel.is_main_process,
+    )
+    for step in bar:
+        images, labels = next(batches)
+        with accel.autocast():  # the frozen VAE encodes under the same mixed precision
+            latents = sd.encode_images(to_float(images, accel.device)).float()
+        u, noise, t = _global_draws(
+            seed, step, bs, tuple(latents.shape[1:]), sd.scheduler.config.num_train_timesteps
+        )
+        prompt_idx = run.bank.indices(labels)
+        prompt_idx[u[mine] < dropout] = run.bank.null_index
+        embeddings = run.bank.embeddings[prompt_idx.to(run.bank.embeddings.device)]
+        with accel.autocast():
+            loss = diffusion_loss(unet, sd.scheduler, latents, embeddings, noise[mine], t[mine])
+        accel.backward(loss)
+        if cfg.get("grad_clip"):
+            accel.clip_grad_norm_(trainable(unet), float(cfg["grad_clip"]))
+        run.opt.step()
+        run.sched.step()
+        run.opt.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.step(trainable(accel.unwrap_model(unet)))
+        running.append(accel.reduce(loss.detach(), reduction="mean"))  # the global batch's loss
+        if (step + 1) % log_every == 0 or step + 1 == max_steps:
+            history.append(
+                {
+                    "step": step + 1,
+                    "loss": float(torch.stack(running).mean()),
+                    "lr": run.sched.get_last_lr()[0],
+                    "seconds": round(time.perf_counter() - t0, 2),
+                }
+            )
+            running = []
+            accel.log({k: history[-1][k] for k in ("loss", "lr")}, step=step + 1)
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+            if accel.is_main_process:
+                log.info("step %d loss %.4f", step + 1, history[-1]["loss"])
+        if ((step + 1) % every == 0 or step + 1 == max_steps) and accel.is_main_process:
+            _save(run, step + 1, history)
+    batches.close()  # stops the DataLoader workers
+    return history
+
+
+def _save(run: _Run, step: int, history: list[dict[str, float]]) -> None:
+    """A checkpoint with everything a resumed run needs to continue exactly: weights,
+    optimizer, learning-rate schedule, EMA and the fp16 loss scale."""
+    extra: dict[str, Any] = {
+        "optimizer": run.opt.state_dict(),
+        "lr_scheduler": run.sched.state_dict(),
+    }
+    if run.ema is not None:
+        extra["ema"] = run.ema.state_dict()
+    if run.accel.scaler is not None:
+        extra["grad_scaler"] = run.accel.scaler.state_dict()
+    save_checkpoint(
+        run.checkpoint_dir,
+        step,
+        run.accel.unwrap_model(run.unet).state_dict(),
+        extra,
+        {"history": history, "fingerprint": run.run_id},
+    )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
@@ -109,8 +110,37 @@ class StableDiffusion:
         with atomic_dir(path) as tmp:
             for name in COMPONENTS:
                 getattr(self, name).save_pretrained(tmp / name)
-            index = {name: type(getattr(self, name)).__name__ for name in COMPONENTS}
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+            (tmp / "model_index.json").write_text(json.dumps(self.model_index(), indent=2))
+
+    def model_index(self) -> dict[str, Any]:
+        """The folder's ``model_index.json``.
+
+        With an AutoencoderKL it is diffusers' own Stable Diffusion index, so
+        ``StableDiffusionPipeline.from_pretrained(folder)`` opens a trained model too (no safety
+        checker: these are dermoscopy images). The tiny patch autoencoder is not a diffusers
+        model and diffusers' pipelines need an AutoencoderKL (they read its
+        ``block_out_channels``), so such a folder does not claim to be a pipeline: its index
+        names this project's class and loader (``rl4med.models.sd.load_sd``) and lists each
+        component as [module, class] like diffusers does.
+        """
+        classes = {name: type(getattr(self, name)) for name in COMPONENTS}
+        components = {n: [c.__module__.split(".")[0], c.__name__] for n, c in classes.items()}
+        if isinstance(self.vae, PatchAutoencoder):
+            components["vae"] = [PatchAutoencoder.__module__, PatchAutoencoder.__name__]
+            return {
+                "_class_name": f"{__name__}.{type(self).__name__}",
+                "_diffusers_version": diffusers.__version__,
+                "_loader": f"{__name__}.load_sd",
+                **components,
+            }
+        return {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": diffusers.__version__,
+            **components,
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }
 
 
 def vae_downsampling(vae: AutoencoderKL | PatchAutoencoder) -> int:
@@ -146,8 +176,13 @@ def load_sd(
     path: str | os.PathLike[str],
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    image_size: int | None = None,
 ) -> StableDiffusion:
-    """Load SD v1.5 or a saved tiny model from a local folder; nothing is downloaded."""
+    """Load SD v1.5 or a saved tiny model from a local folder; nothing is downloaded.
+
+    ``image_size`` (config ``sd.image_size``) sets the size the UNet generates at, recorded in
+    its config (``sample_size``) so that a model saved after training keeps it.
+    """
     root = check_model_folder(path)
     # safetensors only: a pickled .bin checkpoint is refused rather than executed
     kw: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, "torch_dtype": dtype}
@@ -170,7 +205,36 @@ def load_sd(
         scheduler=DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True),
     )
     sd.freeze_frozen_parts()
+    if image_size is not None:
+        set_image_size(sd, int(image_size))
     return sd.to(device)
+
+
+def set_image_size(sd: StableDiffusion, image_size: int) -> None:
+    """Make ``sd`` generate ``image_size`` pixels: the UNet's latent ``sample_size`` changes.
+
+    The size must be a multiple of the autoencoder's downsampling times the UNet's own (each
+    down block but the last halves the latents: 8 x 8 = 64 px for SD v1.5), so that every skip
+    connection meets a feature map of its own size; diffusers would otherwise interpolate
+    inside the UNet, and its pipelines reject sizes that are not multiples of 8.
+    """
+    if image_size == sd.image_size:
+        return
+    unet_down = 2 ** (len(sd.unet.config.down_block_types) - 1)
+    step = sd.vae_downsampling * unet_down
+    if image_size < step or image_size % step:
+        raise ValueError(
+            f"sd.image_size {image_size}: must be a multiple of {step} (the autoencoder "
+            f"downsamples {sd.vae_downsampling}x, the UNet {unet_down}x more)"
+        )
+    log.info(
+        "image size %d px -> %d px (UNet sample_size %d -> %d latents)",
+        sd.image_size,
+        image_size,
+        sd.unet.config.sample_size,
+        image_size // sd.vae_downsampling,
+    )
+    sd.unet.register_to_config(sample_size=image_size // sd.vae_downsampling)
 
 
 def build_tiny_sd(
@@ -235,13 +299,6 @@ def build_tiny_sd(
         image_size // down,
     )
     return sd
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -1,4 +1,5 @@
-"""Which UNet weights a training stage updates: all, LoRA adapters (peft) or cross-attention."""
+"""Which UNet weights a training stage updates (all, LoRA adapters or cross-attention), and in
+which precision the frozen rest runs."""
 
 from __future__ import annotations
 
@@ -37,6 +38,36 @@ def select_trainable(unet: torch.nn.Module, mode: str, lora_rank: int = 0) -> No
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters being trained."""
     return [p for p in module.parameters() if p.requires_grad]
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors by name: all a checkpoint needs besides the frozen start weights."""
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Frozen parameters to ``dtype``, trained ones to float32; returns the replaced originals.
+
+    Half-precision frozen weights halve memory and run on tensor cores; the trained weights stay
+    float32 so that small optimizer updates are not rounded away and fp16's GradScaler can
+    unscale their gradients. The frozen originals (moved to the CPU) let ``restore_weights`` put
+    back the exact full-precision weights before the model is saved.
+    """
+    originals = {}
+    for name, p in module.named_parameters():
+        target = torch.float32 if p.requires_grad else dtype
+        if p.dtype != target:
+            if not p.requires_grad:  # a trained weight's final value is the training's result
+                originals[name] = p.detach().to("cpu")
+            p.data = p.data.to(target)
+    return originals
+
+
+def restore_weights(module: torch.nn.Module, originals: dict[str, torch.Tensor]) -> None:
+    """Undo ``cast_frozen``: the saved original tensors back in their own dtype."""
+    params = dict(module.named_parameters())
+    for name, value in originals.items():
+        params[name].data = value.to(params[name].device)
 
 
 def merge_adapters(unet: torch.nn.Module) -> None:

@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
-from rl4med.data.images import ManifestImages
+from rl4med.data.images import ManifestImages, to_float
 from rl4med.data.manifest import read_manifest
 from rl4med.io import atomic_dir, write_table
 
@@ -51,25 +51,28 @@ def pretrain_vae(
     kl_cfg: Mapping[str, Any],
     cfg: Mapping[str, Any],
     image_size: int,
+    device: torch.device | str = "cpu",
 ) -> pd.DataFrame:
     """Train the tiny AutoencoderKL on the training split; save it with its scaling factor.
 
     ``cfg`` is ``config["vae_pretrain"]``: seed, max_steps, batch_size, learning_rate, kl_weight,
-    log_every.
+    log_every. Tiny models only (the demo's 64-px images fit in memory as uint8); batches go to
+    ``device``.
     """
     seed, steps, bs = int(cfg["seed"]), int(cfg["max_steps"]), int(cfg["batch_size"])
     torch.manual_seed(seed)
-    vae = build_tiny_kl(kl_cfg)
-    x, _ = ManifestImages(read_manifest(manifest, "train"), image_size).load_all()
+    vae = build_tiny_kl(kl_cfg).to(device)
+    data = ManifestImages(read_manifest(manifest, "train"), image_size)
+    x = torch.stack([data[i][0] for i in range(len(data))])  # uint8, float per batch
     opt = torch.optim.AdamW(vae.parameters(), lr=float(cfg["learning_rate"]))
     gen = torch.Generator().manual_seed(seed)
     kl_weight, log_every = float(cfg["kl_weight"]), int(cfg.get("log_every", 10))
     history, running, t0 = [], [], time.perf_counter()
     vae.train()
     for step in tqdm(range(steps), desc="vae pretrain"):
-        batch = x[torch.randint(0, len(x), (bs,), generator=gen)]
+        batch = to_float(x[torch.randint(0, len(x), (bs,), generator=gen)], device)
         dist = vae.encode(batch).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device)
         recon = vae.decode(z).sample
         mse = torch.nn.functional.mse_loss(recon, batch)
         kl = dist.kl().mean() / dist.mean[0].numel()
@@ -89,7 +92,7 @@ def pretrain_vae(
     with torch.no_grad():
         latents = torch.cat(
             [
-                vae.encode(x[i : i + 256]).latent_dist.mode()
+                vae.encode(to_float(x[i : i + 256], device)).latent_dist.mode()
                 for i in range(0, min(len(x), 1024), 256)
             ]
         )
@@ -97,7 +100,7 @@ def pretrain_vae(
     vae.register_to_config(scaling_factor=scale)
     log.info("latent std %.4f -> scaling_factor %.4f", 1 / scale, scale)
     with atomic_dir(out_dir) as tmp:
-        vae.save_pretrained(tmp)
+        vae.to("cpu").save_pretrained(tmp)
     curve = pd.DataFrame(history, columns=["step", "mse", "kl", "seconds"])
     write_table(curve, loss_tsv)
     return curve
