@@ -12,13 +12,14 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup demo sweep showcase test bench gpu-check dryrun lint clean
+.PHONY: help setup demo sweep showcase pretrain-tiny test bench gpu-check dryrun lint clean
 
 help:
 	@echo "make demo    install into $(VENV) and run the embedded demo to results/report.html"
 	@echo "make test    install into $(VENV) and run every test (includes a micro end-to-end run)"
 	@echo "make sweep   the demo plus a 2-setting DDPO sweep (config/sweep.yaml), about 15 minutes more"
 	@echo "make showcase  the CPU showcase (config/cpu-showcase.yaml, <= 90 min) -> docs/results/cpu-showcase.md"
+	@echo "make pretrain-tiny  pre-train the demo's tiny SD -> resources/tiny-sd-derm64 (resumable; hours on 2 CPU cores)"
 	@echo "make bench   CPU benchmarks (ratios against bare baselines) -> benchmarks/results.md"
 	@echo "make gpu-check  the GPU check (SD v1.5 speed, DDPO, GPU-hours, workflow devices) -> docs/results/gpu-check.md; no CUDA: results/gpu-check/"
 	@echo "make dryrun  dry-run the demo and the paper-scale (ISIC2019) configs"
@@ -54,6 +55,14 @@ showcase: setup
 	$(BIN)/python -m rl4med.showcase --run-dir $(SHOWCASE) --out-dir docs/results \
 		--wall-seconds $$(cat $(SHOWCASE)/wall_seconds) --tuning docs/results/cpu-showcase-tuning.tsv
 	@echo "showcase: docs/results/cpu-showcase.md, report: $(SHOWCASE)/results/report.html"
+
+# the pretrained tiny SD that the demo's stage i fine-tunes (config/pretrain-tiny.yaml), with its
+# model card: data -> stage i -> judge -> float16 export -> measurements -> resources/tiny-sd-derm64.
+# Every finished step is kept in results/pretrain-tiny and stage i resumes from its checkpoints,
+# so a killed run continues. On a GPU when one is present; on 2 CPU cores it takes hours: run it
+# in the background, e.g. `nohup nice -n 19 make pretrain-tiny > pretrain-tiny.log 2>&1 &`
+pretrain-tiny: setup
+	$(BIN)/python -m rl4med.models.pretrain --config config/pretrain-tiny.yaml
 
 # pytest's exit code 5 (no tests collected) fails the target like any other failure
 test: setup

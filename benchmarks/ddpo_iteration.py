@@ -33,7 +33,7 @@ def bare_update(sd, n: int, steps: int, bs: int, guidance: float) -> None:
     unet = sd.unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-9)
     size, ch = int(unet.config.sample_size), int(unet.config.in_channels)
-    emb = sd.encode_prompts([p.text for p in all_prompts()[:bs]]).detach()
+    emb = sd.encode_prompts(sd.prompt_texts(all_prompts()[:bs])).detach()
     for start in range(0, n, bs):
         b = min(bs, n - start)
         opt.zero_grad(set_to_none=True)
@@ -59,7 +59,7 @@ def measure(image_size: int = 64, samples_per_prompt: int = 1) -> dict:
         )
     it = pd.DataFrame(log).iloc[1:].median(numeric_only=True)
     n = 32 * samples_per_prompt
-    texts = [all_prompts()[i % 32].text for i in range(n)]
+    texts = sd.prompt_texts([all_prompts()[i % 32] for i in range(n)])
     steps = int(round(cfg["num_steps"] * cfg["timestep_fraction"]))
     sample = timeit(
         lambda: bare_loop(sd, texts, int(cfg["num_steps"]), float(cfg["guidance_scale"]), 1.0),

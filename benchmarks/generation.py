@@ -39,7 +39,7 @@ def main(batch: int = 16) -> None:
     torch.manual_seed(0)
     sd = tiny_sd(64)
     prompts = [all_prompts()[i % 32] for i in range(batch)]
-    texts = [p.text for p in prompts]
+    texts = sd.prompt_texts(prompts)
     rows = []
     for eta in (0.0, 1.0):
         bare = timeit(lambda eta=eta: bare_loop(sd, texts, STEPS, GUIDANCE, eta), repeat=2)

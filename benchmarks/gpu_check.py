@@ -328,7 +328,7 @@ def generation_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
 
     section = f"Generation ({plan.size} px, {plan.steps} DDIM steps, guidance 5, eta 1)"
     prompts = [all_prompts()[i % 32] for i in range(plan.images)]
-    texts, seeds = [p.text for p in prompts], list(range(plan.images))
+    texts, seeds = sd.prompt_texts(prompts), list(range(plan.images))
     args = {"guidance_scale": 5.0, "eta": 1.0, "batch_size": plan.images}
     for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         sd.to(plan.device, dtype)
@@ -480,10 +480,11 @@ def network_rates(plan: Plan, report: Report, samples: Path) -> dict[str, float]
     """Images/s of the metric networks (random weights, fp32 with TF32) and of PNG decoding:
     the inputs of the estimated rows."""
     import numpy as np
-    import timm
     import torch
     import torchvision
     from PIL import Image
+
+    from rl4med.models.classifier import create_backbone
 
     section = "Metric networks (forward throughput, random weights)"
     classifier = paper_config()["classifier"]
@@ -495,8 +496,9 @@ def network_rates(plan: Plan, report: Report, samples: Path) -> dict[str, float]
         "alexnet": plan.size,
     }
     nets = {
-        "reward": timm.create_model(classifier["reward"]["architecture"], num_classes=6),
-        "judge": timm.create_model(classifier["judge"]["architecture"], num_classes=6),
+        # the project's builder: a timm name or the authors' torchvision EfficientNet-B0
+        "reward": create_backbone(classifier["reward"]["architecture"], None, 6),
+        "judge": create_backbone(classifier["judge"]["architecture"], None, 6),
         "inception": torchvision.models.inception_v3(
             weights=None, aux_logits=False, init_weights=False
         ),

@@ -1,37 +1,39 @@
 # Stage ii: DDPO with the attribute reward r_A (paper 2.1-2.2, Algorithm 1); its effect is
-# measured by the evaluation rules (paired samples of SD and SD+RL).
+# measured by the evaluation rules (paired samples of SD and SD+RL). With the authors' published
+# weights it runs only to continue their LoRA (ddpo.max_iterations > published.lora_iterations).
 
+if RUN_DDPO:
 
-rule ddpo:
-    input:
-        sd="results/models/sd",
-        reward="results/models/classifier_reward",
-    output:
-        model=directory("results/models/sd_rl"),
-        log_tsv=report(
-            "results/ddpo/iterations.tsv",
-            caption="../report/ddpo_iterations.rst",
-            category="Stage ii (DDPO)",
-            labels={"table": "per-iteration log"},
-        ),
-    log:
-        "logs/ddpo/ddpo.log",
-    params:
-        cfg=config["ddpo"],
-        device=config["sd"]["device"],
-        processes=processes("ddpo"),
-        tracking=tracking("ddpo"),
-        # kept outside the outputs so a preempted job resumes from them
-        checkpoints="results/checkpoints/ddpo",
-    threads: resource("ddpo", "cpus")
-    resources:
-        mem_mb=resource("ddpo", "mem_mb"),
-        runtime=resource("ddpo", "runtime"),
-        gpu=resource("ddpo", "gpus"),
-    conda:
-        "../envs/torch.yaml"
-    container:
-        CONTAINER
-    script:
-        "../scripts/ddpo.py"
-
+    rule ddpo:
+        input:
+            sd="results/models/sd",
+            reward="results/models/classifier_reward",
+        output:
+            model=directory("results/models/sd_rl"),
+            log_tsv=report(
+                "results/ddpo/iterations.tsv",
+                caption="../report/ddpo_iterations.rst",
+                category="Stage ii (DDPO)",
+                labels={"table": "per-iteration log"},
+            ),
+        log:
+            "logs/ddpo/ddpo.log",
+        params:
+            # with published weights: their LoRA as the start, iterations counted on from it
+            cfg=ddpo_settings(),
+            device=config["sd"]["device"],
+            processes=processes("ddpo"),
+            tracking=tracking("ddpo"),
+            # kept outside the outputs so a preempted job resumes from them
+            checkpoints="results/checkpoints/ddpo",
+        threads: resource("ddpo", "cpus")
+        resources:
+            mem_mb=resource("ddpo", "mem_mb"),
+            runtime=resource("ddpo", "runtime"),
+            gpu=resource("ddpo", "gpus"),
+        conda:
+            "../envs/torch.yaml"
+        container:
+            CONTAINER
+        script:
+            "../scripts/ddpo.py"

@@ -69,6 +69,9 @@ rule real_features:
         "logs/evaluation/real_features.log",
     params:
         inception=config["evaluation"]["fid"]["inception_weights"],
+        # the authors' feed: a pixel of 255 fed as 0 (the label says so)
+        uint8_wrap=config["evaluation"]["fid"]["uint8_wrap"],
+        # the real test images at the model's size, resized without cropping
         image_size=SD_IMAGE_SIZE,
         device=config["sd"]["device"],
         batch_size=config["evaluation"]["batch_size"],
@@ -96,6 +99,7 @@ rule fd:
         "logs/evaluation/fd_{model}.log",
     params:
         inception=config["evaluation"]["fid"]["inception_weights"],
+        uint8_wrap=config["evaluation"]["fid"]["uint8_wrap"],
         device=config["sd"]["device"],
         batch_size=config["evaluation"]["batch_size"],
     threads: resource("fd", "cpus")

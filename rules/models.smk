@@ -34,16 +34,24 @@ if SD_KIND == "tiny" and TINY_AUTOENCODER == "kl":
 
 
 if SD_KIND == "tiny":
+    # sd.tiny.init: scratch, or a pretrained tiny model folder; a relative path is the
+    # workflow's own (the shipped resources/tiny-sd-derm64), like OFFICIAL_SPLITS
+    TINY_INIT = config["sd"]["tiny"].get("init", "scratch")
+    if TINY_INIT != "scratch":
+        TINY_INIT = os.path.join(workflow.basedir, TINY_INIT)
 
     rule build_sd:
         input:
-            vae=TINY_VAE_INPUT,
+            vae=TINY_VAE_INPUT if TINY_INIT == "scratch" else [],
+            # a changed pretrained folder rebuilds the base model
+            init=[] if TINY_INIT == "scratch" else TINY_INIT,
         output:
             model=directory("results/models/sd_base"),
         log:
             "logs/models/build_sd.log",
         params:
             tiny=config["sd"]["tiny"],
+            init=TINY_INIT,
         threads: 1
         resources:
             mem_mb=resource("build_sd", "mem_mb"),
@@ -56,81 +64,87 @@ if SD_KIND == "tiny":
             "../scripts/build_sd.py"
 
 
-rule finetune_sd:
-    input:
-        manifest=MANIFEST,
-        base=SD_BASE_INPUT,
-    output:
-        model=directory("results/models/sd"),
-        loss=report(
-            "results/models/sd_loss.tsv",
-            caption="../report/sd_loss.rst",
-            category="Stage i",
-            labels={"table": "stage i loss curve"},
-        ),
-    log:
-        "logs/models/finetune_sd.log",
-    params:
-        sd=config["sd"],
-        base=sd_base_path,
-        cfg=config["finetune_sd"],
-        # the size the model generates at, recorded in the saved UNet's config
-        image_size=SD_IMAGE_SIZE,
-        device=config["sd"]["device"],
-        processes=processes("finetune_sd"),
-        tracking=tracking("finetune_sd"),
-        # kept outside the outputs so a killed job resumes from them
-        checkpoints="results/checkpoints/finetune_sd",
-    threads: resource("finetune_sd", "cpus")
-    resources:
-        mem_mb=resource("finetune_sd", "mem_mb"),
-        runtime=resource("finetune_sd", "runtime"),
-        gpu=resource("finetune_sd", "gpus"),
-    conda:
-        "../envs/torch.yaml"
-    container:
-        CONTAINER
-    script:
-        "../scripts/finetune_sd.py"
+# with the authors' published weights, rules/published.smk imports the stage-i model and the
+# classifiers instead
+if not PUBLISHED:
+
+    rule finetune_sd:
+        input:
+            manifest=MANIFEST,
+            base=SD_BASE_INPUT,
+        output:
+            model=directory("results/models/sd"),
+            loss=report(
+                "results/models/sd_loss.tsv",
+                caption="../report/sd_loss.rst",
+                category="Stage i",
+                labels={"table": "stage i loss curve"},
+            ),
+        log:
+            "logs/models/finetune_sd.log",
+        params:
+            sd=config["sd"],
+            base=sd_base_path,
+            cfg=config["finetune_sd"],
+            # the size the model generates at, recorded in the saved UNet's config
+            image_size=SD_IMAGE_SIZE,
+            # the prompt wording (paper | authors) the model is trained on and records
+            prompt_template=config["prompts"]["template"],
+            device=config["sd"]["device"],
+            processes=processes("finetune_sd"),
+            tracking=tracking("finetune_sd"),
+            # kept outside the outputs so a killed job resumes from them
+            checkpoints="results/checkpoints/finetune_sd",
+        threads: resource("finetune_sd", "cpus")
+        resources:
+            mem_mb=resource("finetune_sd", "mem_mb"),
+            runtime=resource("finetune_sd", "runtime"),
+            gpu=resource("finetune_sd", "gpus"),
+        conda:
+            "../envs/torch.yaml"
+        container:
+            CONTAINER
+        script:
+            "../scripts/finetune_sd.py"
 
 
-rule train_classifier:
-    input:
-        manifest=MANIFEST,
-    output:
-        model=directory("results/models/classifier_{role}"),
-        metrics=report(
-            "results/metrics/classifier_{role}_test.tsv",
-            caption="../report/classifier_test.rst",
-            category="Classifiers",
-            labels={"classifier": "{role}", "table": "test metrics"},
-        ),
-        noise=report(
-            "results/metrics/classifier_{role}_noise.tsv",
-            caption="../report/classifier_noise.rst",
-            category="Classifiers",
-            labels={"classifier": "{role}", "table": "noise robustness"},
-        ),
-    log:
-        "logs/models/train_classifier_{role}.log",
-    params:
-        cfg=lambda wc: config["classifier"][wc.role],
-        device=config["sd"]["device"],
-        # kept outside the outputs so a killed job resumes from its last epoch
-        checkpoints=lambda wc: f"results/checkpoints/classifier_{wc.role}",
-    wildcard_constraints:
-        role="reward|judge",
-    threads: resource("train_classifier", "cpus")
-    resources:
-        mem_mb=resource("train_classifier", "mem_mb"),
-        runtime=resource("train_classifier", "runtime"),
-        gpu=resource("train_classifier", "gpus"),
-    conda:
-        "../envs/torch.yaml"
-    container:
-        CONTAINER
-    script:
-        "../scripts/train_classifier.py"
+    rule train_classifier:
+        input:
+            manifest=MANIFEST,
+        output:
+            model=directory("results/models/classifier_{role}"),
+            metrics=report(
+                "results/metrics/classifier_{role}_test.tsv",
+                caption="../report/classifier_test.rst",
+                category="Classifiers",
+                labels={"classifier": "{role}", "table": "test metrics"},
+            ),
+            noise=report(
+                "results/metrics/classifier_{role}_noise.tsv",
+                caption="../report/classifier_noise.rst",
+                category="Classifiers",
+                labels={"classifier": "{role}", "table": "noise robustness"},
+            ),
+        log:
+            "logs/models/train_classifier_{role}.log",
+        params:
+            cfg=lambda wc: config["classifier"][wc.role],
+            device=config["sd"]["device"],
+            # kept outside the outputs so a killed job resumes from its last epoch
+            checkpoints=lambda wc: f"results/checkpoints/classifier_{wc.role}",
+        wildcard_constraints:
+            role="reward|judge",
+        threads: resource("train_classifier", "cpus")
+        resources:
+            mem_mb=resource("train_classifier", "mem_mb"),
+            runtime=resource("train_classifier", "runtime"),
+            gpu=resource("train_classifier", "gpus"),
+        conda:
+            "../envs/torch.yaml"
+        container:
+            CONTAINER
+        script:
+            "../scripts/train_classifier.py"
 
 
 rule autoencoder_check:

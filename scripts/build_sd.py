@@ -1,4 +1,8 @@
-"""Snakemake entry point: build the tiny Stable Diffusion from config and save it as a folder."""
+"""Snakemake entry point: the tiny Stable Diffusion stage i starts from, saved as a folder.
+
+sd.tiny.init: a pretrained tiny model folder (the shipped resources/tiny-sd-derm64 by default),
+checked against sd.tiny, or scratch: random weights built from sd.tiny.
+"""
 
 import sys
 from pathlib import Path
@@ -10,16 +14,20 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 from diffusers import AutoencoderKL
 
 from rl4med.io import run_step
-from rl4med.models.sd import build_tiny_sd
+from rl4med.models.sd import SCRATCH, build_tiny_sd, load_tiny_init
 
 
 def main() -> None:
-    vae = None
-    if smk.input.vae:  # a pre-trained tiny AutoencoderKL (sd.tiny.autoencoder: kl)
-        vae = AutoencoderKL.from_pretrained(
-            smk.input.vae, local_files_only=True, use_safetensors=True
-        )
-    sd = build_tiny_sd(smk.params.tiny, int(smk.params.tiny["image_size"]), vae)
+    tiny = smk.params.tiny
+    if smk.params.init != SCRATCH:
+        sd = load_tiny_init(smk.params.init, tiny)
+    else:
+        vae = None
+        if smk.input.vae:  # a pre-trained tiny AutoencoderKL (sd.tiny.autoencoder: kl)
+            vae = AutoencoderKL.from_pretrained(
+                smk.input.vae, local_files_only=True, use_safetensors=True
+            )
+        sd = build_tiny_sd(tiny, int(tiny["image_size"]), vae)
     sd.save_pretrained(smk.output.model)
 
 

@@ -20,7 +20,10 @@ def main() -> None:
     configure_torch(smk.threads)
     device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
     space = load_space(
-        smk.params.inception, lambda: load_classifier(smk.input.judge, device), device
+        smk.params.inception,
+        lambda: load_classifier(smk.input.judge, device),
+        device,
+        bool(smk.params.uint8_wrap),
     )
     batches = iter_samples(list(smk.input.samples), int(smk.params.batch_size), smk.threads)
     table = model_fd(smk.input.real, space, ((x, prompt_labels(i)) for x, i in batches))

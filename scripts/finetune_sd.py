@@ -29,6 +29,7 @@ def main() -> None:
         "rule": smk.rule,
         "threads": int(smk.threads),
         "tracking": dict(smk.params.tracking),
+        "prompt_template": str(smk.params.prompt_template),
     }
     run("finetune", args, int(smk.params.processes))
 

@@ -1,4 +1,5 @@
-"""Snakemake entry point: LPIPS of one model's samples against real images of the same labels."""
+"""Snakemake entry point: LPIPS of one model's samples against real test images of the same
+labels, paired as the authors pair them."""
 
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 import logging
 
 from rl4med.data.manifest import read_manifest
+from rl4med.evaluation import REAL_SPLIT
 from rl4med.evaluation.perceptual import load_lpips, lpips_table
 from rl4med.evaluation.samples import sample_index
 from rl4med.io import run_step, write_table
@@ -25,8 +27,8 @@ def main() -> None:
         model,
         label,
         sample_index(list(smk.input.samples)),
-        read_manifest(smk.input.manifest, "train"),
-        int(cfg["pairs_per_prompt"]),
+        read_manifest(smk.input.manifest, REAL_SPLIT),  # the real test images, as the authors
+        cfg.get("pairs_per_prompt"),  # null: as many pairs as the smaller side has
         int(smk.params.seed),
         int(smk.params.batch_size),
         smk.threads,

@@ -1,4 +1,5 @@
-"""Snakemake entry point: feature statistics of the real training images, computed once."""
+"""Snakemake entry point: feature statistics of the real test images (resized without
+cropping, as the authors compute FID), computed once."""
 
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 import logging
 
 from rl4med.data.manifest import read_manifest
+from rl4med.evaluation import REAL_SPLIT
 from rl4med.evaluation.frechet import load_space, real_statistics
 from rl4med.io import run_step
 from rl4med.models.classifier import load_classifier
@@ -20,18 +22,23 @@ def main() -> None:
     configure_torch(smk.threads)
     device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
     space = load_space(
-        smk.params.inception, lambda: load_classifier(smk.input.judge, device), device
+        smk.params.inception,
+        lambda: load_classifier(smk.input.judge, device),
+        device,
+        bool(smk.params.uint8_wrap),
     )
-    train = read_manifest(smk.input.manifest, "train")
+    real = read_manifest(smk.input.manifest, REAL_SPLIT)
     counts = real_statistics(
-        train,
+        real,
         space,
         int(smk.params.image_size),
         smk.output.stats,
         int(smk.params.batch_size),
         smk.threads,
     )
-    logging.getLogger("rl4med").info("%s statistics of real images: %s", space.label, counts)
+    logging.getLogger("rl4med").info(
+        "%s statistics of the real %s images: %s", space.label, REAL_SPLIT, counts
+    )
 
 
 run_step(main, smk.log[0], rule=smk.rule)

@@ -1,4 +1,5 @@
-"""Snakemake entry point: r_A, exact match and attribute matches of one model's samples."""
+"""Snakemake entry point: r_A, APR's and exact6's indicators and attribute matches of one
+model's samples."""
 
 import sys
 from pathlib import Path
@@ -27,10 +28,11 @@ def main() -> None:
     write_table(scores, smk.output.scores)
     for role, part in scores.groupby("classifier"):
         logging.getLogger("rl4med").info(
-            "%s: %d samples, APR %.3f, mean r_A %.3f",
+            "%s: %d samples, APR %.3f, exact6 %.3f, mean r_A %.3f",
             role,
             len(part),
-            part["exact"].mean(),
+            part["apr"].mean(),
+            part["exact6"].mean(),
             part["r_A"].mean(),
         )
 

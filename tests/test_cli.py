@@ -46,6 +46,12 @@ def test_prompts_lists_the_32_prompts():
     rows = [line.split("\t") for line in out[1:]]
     assert [r[0] for r in rows] == [p.slug for p in all_prompts()]
     assert rows[0] == ["mel__none", "A dermoscopic image with melanoma", "100000"]
+    authors = rl4med("prompts", "--template", "authors").stdout.splitlines()
+    assert [line.split("\t")[0] for line in authors[1:]] == [r[0] for r in rows]  # slugs
+    assert authors[-1].split("\t")[1:] == [
+        "a dermoscopic image with melanocytic nevus (NV) showing hair, gel bubble, ruler, ink",
+        "011111",
+    ]
 
 
 def test_sample_writes_pngs_and_a_grid_then_score_reads_them(models, tmp_path):
@@ -65,7 +71,7 @@ def test_sample_writes_pngs_and_a_grid_then_score_reads_them(models, tmp_path):
         "--out",
         tmp_path / "g.png",
     ).stdout
-    assert "nv__gel-ruler" in out
+    assert "nv__gel-ruler" in out and f"({text})" in out  # the model's own (paper) wording
     pngs = sorted((tmp_path / "g").glob("*.png"))
     assert len(pngs) == 3
     assert Image.open(pngs[0]).size == (32, 32)
@@ -100,16 +106,22 @@ def test_sample_writes_pngs_and_a_grid_then_score_reads_them(models, tmp_path):
         "score", "--classifier", models / "clf", "--prompt", "nv__gel-ruler", *pngs
     ).stdout.splitlines()
     header = scored[0].split("\t")
-    assert header == ["image", "MEL", "NV", "hair", "gel_bubbles", "ink", "ruler", "r_A", "exact"]
+    assert header == [
+        "image",
+        *("MEL", "NV", "hair", "gel_bubbles", "ink", "ruler"),
+        *("r_A", "apr", "exact6"),
+    ]
     rows = [line.split("\t") for line in scored[1:4]]
     for row in rows:
         want = [0, 1, 0, 1, 0, 1]
         got = [int(v) for v in row[1:7]]
         assert float(row[7]) == pytest.approx(np.mean(np.equal(got, want)), abs=1e-4)
-        assert int(row[8]) == int(got == want)
+        assert int(row[8]) == int(got[2:] == want[2:])  # APR: the 4 artifacts only
+        assert int(row[9]) == int(got == want)  # exact6: all 6
     apr = np.mean([int(r[8]) for r in rows])
+    exact6 = np.mean([int(r[9]) for r in rows])
     assert scored[4].startswith("# prompt nv__gel-ruler: C = 010101")
-    assert f"APR {apr:.4f}" in scored[4]
+    assert f"APR {apr:.4f}" in scored[4] and f"exact6 {exact6:.4f}" in scored[4]
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_sd_config
+from tiny_models import TokenizerSpy, tiny_sd_config
 
 import rl4med.ddpo.train as ddpo_module
 from rl4med.ddpo import RewardOutput
@@ -85,6 +85,22 @@ def _trajectories(sd, seeds=(0, 1, 2, 3), guidance=2.0):
     idx = torch.tensor([i % 2 for i in range(len(seeds))])
     traj = sample_trajectories(sd, sd.unet, sched, idx, emb, null, list(seeds), guidance, 1.0)
     return sched, emb, null, traj
+
+
+def test_ddpo_words_the_prompts_in_the_stage_i_models_template(tmp_path):
+    from rl4med.models.sd import load_sd
+
+    sd = build_tiny_sd(TINY, 32)
+    sd.prompt_template = "authors"  # as load_sd reads it from an authors-template stage i
+    sd.tokenizer = spy = TokenizerSpy(sd.tokenizer)
+    cfg = {**DDPO, "max_iterations": 1, "samples_per_prompt": 1, "num_steps": 2}
+    _run(sd, cfg, tmp_path)
+    assert spy.calls[0] == [
+        "a dermoscopic image with melanoma (MEL) showing hair",
+        "a dermoscopic image with melanocytic nevus (NV) with no visible artifacts",
+    ]
+    assert spy.calls[1] == [""]
+    assert load_sd(tmp_path / "run").prompt_template == "authors"  # SD+RL keeps it
 
 
 def test_recomputed_log_probs_give_ratio_one_and_no_clipping():
@@ -374,7 +390,11 @@ def test_settings_name_the_bad_key():
 
     schema = yaml.safe_load((Path(__file__).parents[1] / "schemas/config.schema.yaml").read_text())
     keys = schema["properties"]["ddpo"]["properties"]
+    from rl4med.ddpo.train import FROM_WORKFLOW
+
     defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    assert set(FROM_WORKFLOW) <= set(defaults)
+    defaults = {k: v for k, v in defaults.items() if k not in FROM_WORKFLOW}
     assert set(keys) == set(defaults)
     assert {k: v["default"] for k, v in keys.items() if "default" in v} == {
         k: v for k, v in defaults.items() if v is not dataclasses.MISSING

@@ -33,11 +33,14 @@ from rl4med.evaluation.augmentation import (
 from rl4med.evaluation.frechet import (
     FD_JUDGE_LABEL,
     FID_LABEL,
+    UINT8_WRAP_SUFFIX,
     RunningStatistics,
+    authors_uint8,
     frechet_distance,
     group_statistics,
     inception_space,
     judge_space,
+    load_space,
     load_statistics,
     model_fd,
     real_statistics,
@@ -79,13 +82,13 @@ def _index(slugs):
     return pd.DataFrame({"prompt": slugs, "sample": range(len(slugs)), "seed": range(len(slugs))})
 
 
-def test_apr_is_exact_match_of_all_six_attributes_including_no_artifact_prompts():
+def test_apr_counts_the_four_artifacts_and_exact6_all_six_including_no_artifact_prompts():
     slugs = ["nv__none"] * 4 + ["mel__hair-ink"] * 2
     preds = np.array(
         [
             [0, 1, 0, 0, 0, 0],  # nv__none exactly
-            [0, 1, 1, 0, 0, 0],  # unwanted hair: not exact, 5/6 attributes right
-            [1, 0, 0, 0, 0, 0],  # wrong disease
+            [0, 1, 1, 0, 0, 0],  # unwanted hair: neither, 5/6 attributes right
+            [1, 0, 0, 0, 0, 0],  # wrong disease, no artifact as asked: APR yes, exact6 no
             [0, 1, 0, 0, 0, 0],
             [1, 0, 1, 0, 1, 0],  # mel, hair, ink exactly
             [1, 0, 1, 0, 0, 0],  # ink missing
@@ -94,13 +97,57 @@ def test_apr_is_exact_match_of_all_six_attributes_including_no_artifact_prompts(
     scores = score_samples(
         {"judge": FixedPredictions(preds)}, [(np.zeros((6, 8, 8, 3), np.uint8), _index(slugs))]
     )
-    assert scores["exact"].tolist() == [1, 0, 0, 1, 1, 0]
+    assert "exact" not in scores.columns
+    assert scores["apr"].tolist() == [1, 0, 1, 1, 1, 0]
+    assert scores["exact6"].tolist() == [1, 0, 0, 1, 1, 0]
     assert scores["r_A"].tolist() == pytest.approx([1, 5 / 6, 4 / 6, 1, 1, 5 / 6])
     per_prompt = apr_by_prompt({"sd": scores}).set_index("prompt")
-    assert per_prompt.loc["nv__none", "APR"] == 0.5
+    assert per_prompt.loc["nv__none", "APR"] == 0.75
+    assert per_prompt.loc["nv__none", "exact6"] == 0.5
     assert per_prompt.loc["mel__hair-ink", "APR"] == 0.5
+    assert per_prompt.loc["mel__hair-ink", "exact6"] == 0.5
     assert per_prompt.loc["nv__none", "match_hair"] == 0.75
     assert per_prompt.loc["mel__hair-ink", "n"] == 2
+
+
+def test_a_wrong_disease_with_the_right_artifacts_counts_for_apr_not_for_exact6():
+    """The paper's APR (eq. 3 as the authors compute it) reads only the 4 artifact heads."""
+    prompt = prompt_from_slug("mel__gel-ruler")
+    want = np.array(prompt.labels)
+    wrong_disease = want.copy()
+    wrong_disease[[0, 1]] = [0, 1]  # predicted NV for a melanoma prompt, artifacts as asked
+    preds = np.stack([want, wrong_disease])
+    scores = score_samples(
+        {"judge": FixedPredictions(preds)},
+        [(np.zeros((2, 8, 8, 3), np.uint8), _index([prompt.slug] * 2))],
+    )
+    assert scores["apr"].tolist() == [1, 1]
+    assert scores["exact6"].tolist() == [1, 0]
+    assert scores["r_A"].tolist() == pytest.approx([1, 4 / 6])  # r_A: all 6 heads count
+
+
+def test_apr_is_never_below_exact6_for_any_predictions():
+    rng = np.random.default_rng(0)
+    slugs = [p.slug for p in all_prompts()] * 4
+    img = np.zeros((len(slugs), 4, 4, 3), np.uint8)
+    scores = {}
+    for model in ("sd", "sd_rl"):
+        preds = {c: rng.integers(0, 2, (len(slugs), 6)) for c in ("reward", "judge")}
+        # some samples exactly as prompted, so exact6 is not always 0
+        preds["judge"][::3] = [p.labels for p in map(prompt_from_slug, slugs[::3])]
+        scores[model] = score_samples(
+            {c: FixedPredictions(v) for c, v in preds.items()}, [(img, _index(slugs))]
+        )
+        assert (scores[model]["apr"] >= scores[model]["exact6"]).all()
+    per_prompt = apr_by_prompt(scores)
+    assert (per_prompt["APR"] >= per_prompt["exact6"]).all()
+    assert (per_prompt["APR"] > per_prompt["exact6"]).any()
+    fd = {m: pd.DataFrame({"group": ["all"], "metric": ["FD"], "value": [1.0]}) for m in scores}
+    lp = {m: pd.DataFrame({"metric": ["LPIPS"], "n_pairs": [1], "lpips": [0.5]}) for m in scores}
+    t3 = table3(scores, fd, lp, n_boot=100)
+    for clf in ("reward", "judge"):
+        assert (t3[f"APR_{clf}"] >= t3[f"exact6_{clf}"]).all()
+        assert t3[f"exact6_{clf}_ci"].str.match(r"^\[\d+\.\d, \d+\.\d\]$").all()
 
 
 def test_paired_change_requires_pairs_and_gives_an_interval():
@@ -116,6 +163,8 @@ def test_paired_change_requires_pairs_and_gives_an_interval():
     assert change.loc["APR", "SD+RL"] == 1.0
     assert change.loc["APR", "change"] == pytest.approx(0.6)
     assert change.loc["APR", "ci_low"] < 0.6 < change.loc["APR", "ci_high"]
+    assert change.loc["exact6", "change"] == pytest.approx(0.6)  # the disease was always right
+    assert set(change.index) == {"APR", "exact6", "r_A", *(f"match_{a}" for a in ATTRIBUTES)}
     shifted = rl.assign(seed=rl["seed"] + 1)
     with pytest.raises(ValueError, match="not paired"):
         paired_change(sd, shifted)
@@ -132,6 +181,7 @@ def test_table2_and_table3_sit_beside_the_papers_numbers():
                         "classifier": clf,
                         "prompt": p.slug,
                         "APR": 0.25 if model == "sd" else 0.5,
+                        "exact6": 0.125 if model == "sd" else 0.25,
                     }
                 )
     per_prompt = pd.DataFrame(rows)
@@ -144,11 +194,18 @@ def test_table2_and_table3_sit_beside_the_papers_numbers():
     assert t2.loc["mel__hair", "n_real_train_with_artifact"] == 2
     assert t2.loc["nv__ink", "n_real_train_exact"] == 1
     assert t2.loc["mel__hair", "APR_SD+RL_judge"] == 50.0
+    assert t2.loc["mel__hair", "exact6_SD+RL_judge"] == 25.0
+    assert t2.loc["nv__ink", "exact6_SD_reward"] == 12.5
     assert t2.loc["mel__gel", "paper_APR_SD+RL"] == 94.37
 
     scores = {
         m: pd.DataFrame(
-            {"classifier": ["reward", "judge"] * 2, "exact": [1, 0, 1, 1], "r_A": [1, 0.5, 1, 1]}
+            {
+                "classifier": ["reward", "judge"] * 2,
+                "apr": [1, 0, 1, 1],
+                "exact6": [1, 0, 1, 0],
+                "r_A": [1, 0.5, 1, 1],
+            }
         )
         for m in ("sd", "sd_rl")
     }
@@ -164,6 +221,8 @@ def test_table2_and_table3_sit_beside_the_papers_numbers():
     }
     t3 = table3(scores, fd, lp, n_boot=200).set_index("model")
     assert t3.loc["SD", "APR_judge"] == 50.0
+    assert t3.loc["SD", "exact6_judge"] == 0.0 and t3.loc["SD", "exact6_reward"] == 100.0
+    assert t3.loc["SD", "APR_reward_ci"] == "[100.0, 100.0]"
     assert t3.loc["SD", FD_JUDGE_LABEL] == 3.0
     assert t3.loc["SD", "LPIPS (x)"] == pytest.approx(0.5)  # weighted by pairs
     assert t3.loc["SD+RL", "paper_FID"] == paper.TABLE3["SD+RL"][1]
@@ -263,7 +322,8 @@ def test_fd_and_real_statistics_streamed_equal_one_batch(tmp_path):
     train = read_manifest(manifest)  # every split: 5 images, 2 MEL and 3 NV
     real_statistics(train, space, 32, tmp_path / "real.npz", batch_size=2)
     stats, counts, _ = load_statistics(tmp_path / "real.npz")
-    images = np.stack([load_image(p, 32) for p in train["path"]])
+    # the whole real image resized to 32 x 32, not its centre square (the authors' FID input)
+    images = np.stack([load_image(p, 32, crop="none") for p in train["path"]])
     whole, whole_counts = group_statistics(
         space.extract(images), train[list(ATTRIBUTES)].to_numpy()
     )
@@ -271,6 +331,9 @@ def test_fd_and_real_statistics_streamed_equal_one_batch(tmp_path):
     for g in whole:  # equal up to the judge's float32 features, which vary with the batch size
         scale = np.abs(whole[g]["sigma"]).max()
         assert np.abs(stats[g]["sigma"] - whole[g]["sigma"]).max() <= 1e-5 * scale
+    cropped = np.stack([load_image(p, 32) for p in train["path"]])
+    centre, _ = group_statistics(space.extract(cropped), train[list(ATTRIBUTES)].to_numpy())
+    assert not np.allclose(centre["all"]["mu"], stats["all"]["mu"], rtol=1e-3)
     samples = _images(6, 4)
     folders = [
         _sample_folder(tmp_path / "s" / "mel__hair", "mel__hair", samples[:3]),
@@ -378,13 +441,15 @@ def test_lpips_is_zero_for_identical_images_and_uses_a_local_backbone(tmp_path):
 
 
 def _real_manifest(tmp_path):
+    """5 real images (3 nv__none, 2 mel__hair), 48 x 32 px: not square, like ISIC's."""
     rows = []
     combos = {"nv__none": 3, "mel__hair": 2}
     for slug, n in combos.items():
         labels = prompt_from_slug(slug).labels
         for k in range(n):
             name = f"{slug}_{k}.png"
-            Image.fromarray(_images(1, k)[0]).save(tmp_path / name)
+            wide = np.concatenate([_images(1, k)[0], _images(1, k + 10)[0][:, :16]], axis=1)
+            Image.fromarray(wide).save(tmp_path / name)
             split = "train" if k < n - 1 else "test"
             rows.append(
                 {
@@ -409,29 +474,77 @@ def _sample_folder(folder, slug, images, first_seed=0):
     return str(folder)
 
 
-def test_lpips_pairs_only_real_images_of_the_same_labels(tmp_path):
-    real = read_manifest(_real_manifest(tmp_path))
-    prompts = ["nv__none"] * 3 + ["mel__ink"] * 2
-    pairs = pair_with_real(prompts, real, pairs_per_prompt=2, seed=0)
-    assert [r for r, _ in pairs] == [0, 1]
-    assert all("nv__none" in p for _, p in pairs)
-    assert pair_with_real(prompts, real, 2, seed=0) == pairs  # seeded
+def test_lpips_pairs_shuffled_samples_with_shuffled_real_images_of_the_same_labels(tmp_path):
+    real = read_manifest(_real_manifest(tmp_path))  # 3 nv__none, 2 mel__hair real images
+    prompts = ["nv__none"] * 4 + ["mel__ink"] * 2 + ["mel__hair"]
+    pairs = pair_with_real(prompts, real, pairs_per_prompt=None, seed=0)
+    nv = [(r, p) for r, p in pairs if prompts[r] == "nv__none"]
+    assert len(nv) == 3  # min(4 samples, 3 real images): each real image once
+    assert len({p for _, p in nv}) == 3 and all("nv__none" in p for _, p in nv)
+    assert len({r for r, _ in nv}) == 3 and {r for r, _ in nv} < {0, 1, 2, 3}
+    hair = [(r, p) for r, p in pairs if prompts[r] == "mel__hair"]
+    assert len(hair) == 1 and hair[0][0] == 6 and "mel__hair" in hair[0][1]  # min(1, 2)
+    assert not [r for r, _ in pairs if prompts[r] == "mel__ink"]  # no real image of its labels
+    assert pair_with_real(prompts, real, None, seed=0) == pairs  # seeded, the same every run
+    # shuffled: over seeds the sample left out and the partners change
+    assert len({tuple(pair_with_real(prompts, real, None, s)) for s in range(8)}) > 1
+    capped = pair_with_real(prompts, real, 2, seed=0)
+    assert [q for q in capped if prompts[q[0]] == "nv__none"] == nv[:2]
+    with pytest.raises(ValueError, match="pairs_per_prompt 0"):
+        pair_with_real(prompts, real, 0, seed=0)
+
     model, label = load_lpips("alex", None, torch.device("cpu"))
     samples = _images(5, 7)
     folders = [
         _sample_folder(tmp_path / "s" / "nv__none", "nv__none", samples[:3]),
         _sample_folder(tmp_path / "s" / "mel__ink", "mel__ink", samples[3:]),
     ]
-    table = lpips_table(model, label, sample_index(folders), real, 2, 0, batch_size=1)
+    index = sample_index(folders)
+    table = lpips_table(model, label, index, real, None, 0, batch_size=1)
     table = table.set_index("prompt")
-    assert table.loc["nv__none", "n_pairs"] == 2
+    assert table.loc["nv__none", "n_pairs"] == 3
     assert table.loc["nv__none", "n_real_candidates"] == 3
     assert table.loc["mel__ink", "n_pairs"] == 0 and np.isnan(table.loc["mel__ink", "lpips"])
     assert (table["metric"] == label).all()
-    # streamed pair by pair: the same number as the pairs held in memory
-    partners = np.stack([load_image(p, 32) for _, p in pairs])
-    direct = lpips_distances(model, samples[[r for r, _ in pairs]], partners).mean()
+    # streamed pair by pair: the mean over the pairs held in memory, the real images resized to
+    # the samples' 32 px without cropping
+    used = pair_with_real(index["prompt"].tolist(), real, None, 0)
+    partners = np.stack([load_image(p, 32, crop="none") for _, p in used])
+    direct = lpips_distances(model, samples[[r for r, _ in used]], partners).mean()
     assert table.loc["nv__none", "lpips"] == pytest.approx(direct, rel=1e-6)
+    # another model with as many samples meets the same real images in the same positions
+    other = [
+        _sample_folder(tmp_path / "o" / "nv__none", "nv__none", _images(3, 8)),
+        _sample_folder(tmp_path / "o" / "mel__ink", "mel__ink", _images(2, 9)),
+    ]
+    assert pair_with_real(sample_index(other)["prompt"].tolist(), real, None, 0) == used
+
+
+def test_uint8_wrap_feeds_pixels_as_the_authors_code_and_says_so(tmp_path):
+    values = np.arange(256, dtype=np.uint8)
+    wrapped = authors_uint8(values)
+    assert wrapped[255] == 0 and np.array_equal(wrapped[:255], values[:255])
+    # the authors' (x * 256).to(uint8) of x = v / 255 for every pixel that does not wrap
+    x = torch.from_numpy(values[:255].astype(np.float32)) / 255
+    assert torch.equal((x * 256).to(torch.uint8), torch.from_numpy(values[:255]))
+    judge = _judge()
+    plain = judge_space(judge)
+    wrap = load_space(None, lambda: judge, torch.device("cpu"), uint8_wrap=True)
+    assert wrap.label == FD_JUDGE_LABEL + UINT8_WRAP_SUFFIX
+    assert load_space(None, lambda: judge, torch.device("cpu")).label == FD_JUDGE_LABEL
+    white = _images(4, 0)
+    white[:, :8] = 255  # a white band: the wrap turns it black
+    assert np.array_equal(wrap.extract(white), plain.extract(authors_uint8(white)))
+    assert not np.allclose(wrap.extract(white), plain.extract(white))
+    # real statistics cached without the wrap are refused by a run with it
+    real = read_manifest(_real_manifest(tmp_path))
+    real_statistics(real, plain, 32, tmp_path / "real.npz")
+    labels = np.array([[1, 0, 0, 0, 0, 0]] * 2 + [[0, 1, 0, 0, 0, 0]] * 2)
+    with pytest.raises(ValueError, match="cached statistics are"):
+        model_fd(tmp_path / "real.npz", wrap, [(white, labels)])
+    real_statistics(real, wrap, 32, tmp_path / "wrapped.npz")
+    table = model_fd(tmp_path / "wrapped.npz", wrap, [(white, labels)])
+    assert (table["metric"] == wrap.label).all()
 
 
 def test_iter_samples_streams_batches_per_folder_in_index_order(tmp_path):

@@ -204,15 +204,19 @@ def test_apptainer_deployment_is_accepted_in_a_dry_run(tmp_path, apptainer_versi
 
 
 def test_fetch_weights_lists_every_weight_of_the_paper_config():
-    weights = required_weights(load("config/isic2019-sd15.yaml"))
+    paper = load("config/isic2019-sd15.yaml")
+    weights = required_weights(paper)
     keys = {w.key for w in weights}
+    # the judge (the authors' evaluation classifier) and Table 4's classifiers start from the
+    # reward's ImageNet file: one download for all
     assert keys == {
         "sd.path",
         "classifier.reward.pretrained_file",
-        "classifier.judge.pretrained_file",
         "evaluation.fid.inception_weights",
         "evaluation.lpips.backbone_weights",
     }
+    reward_file = paper["classifier"]["reward"]["pretrained_file"]
+    assert paper["classifier"]["judge"]["pretrained_file"] == reward_file
     assert required_weights(load("config.yaml")) == []  # the demo needs none
     proc = subprocess.run(
         [
@@ -227,9 +231,17 @@ def test_fetch_weights_lists_every_weight_of_the_paper_config():
         check=True,
     )
     assert "stable-diffusion-v1-5 <- hf:" in proc.stdout and "(missing)" in proc.stdout
-    # timm weights by the tag their destination folder names, not timm's current default
+    # the authors' torchvision network: torchvision's ImageNet file
     sources = {w.key: w.source for w in weights}
-    assert sources["classifier.reward.pretrained_file"] == "timm:efficientnet_b0.ra_in1k"
+    assert sources["classifier.reward.pretrained_file"] == (
+        "https://download.pytorch.org/models/efficientnet_b0_rwightman-7f5810bc.pth"
+    )
+    # timm weights by the tag their destination folder names, not timm's current default
+    demo_judge = {**paper, "classifier": {"judge": {**paper["classifier"]["judge"]}}}
+    demo_judge["classifier"]["judge"].update(
+        architecture="resnet50", pretrained_file="/models/timm/resnet50.a1_in1k/model.safetensors"
+    )
+    sources = {w.key: w.source for w in required_weights(demo_judge)}
     assert sources["classifier.judge.pretrained_file"] == "timm:resnet50.a1_in1k"
 
 

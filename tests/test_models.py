@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_sd_config
+from tiny_models import TokenizerSpy, tiny_sd_config
 from transformers import AutoTokenizer
 
 import rl4med.models.classifier as classifier_mod
@@ -212,6 +212,30 @@ def test_saved_model_opens_as_a_diffusers_pipeline(tmp_path):
     index = json.loads((tmp_path / "tiny" / "model_index.json").read_text())
     assert index["_loader"] == "rl4med.models.sd.load_sd"
     assert index["vae"] == ["rl4med.models.autoencoder", "PatchAutoencoder"]
+    assert index["_prompt_template"] == "paper"
+
+
+def test_the_prompt_template_travels_with_the_model_folder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    sd = _with_kl_vae(build_tiny_sd(TINY, 32))
+    sd.prompt_template = "authors"
+    sd.save_pretrained(tmp_path / "sd")
+    index = json.loads((tmp_path / "sd" / "model_index.json").read_text())
+    assert index["_prompt_template"] == "authors"
+    assert load_sd(tmp_path / "sd").prompt_template == "authors"
+    # diffusers ignores the "_" key: the folder still opens as a pipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", local_files_only=True)
+    assert not hasattr(pipe, "prompt_template") and pipe.unet is not None
+    # a folder that does not record it (SD v1.5 as downloaded) is the paper's wording
+    del index["_prompt_template"]
+    (tmp_path / "sd" / "model_index.json").write_text(json.dumps(index))
+    assert load_sd(tmp_path / "sd").prompt_template == "paper"
+    (tmp_path / "sd" / "model_index.json").write_text(
+        json.dumps({**index, "_prompt_template": "clip"})
+    )
+    with pytest.raises(ModelFolderError, match="_prompt_template 'clip'"):
+        load_sd(tmp_path / "sd")
 
 
 # ------------------------------------------------------------------------------ stage i
@@ -274,6 +298,36 @@ def test_finetune_resumes_after_a_kill_and_ends_identical(data, tmp_path, monkey
     ref_curve = pd.read_csv(tmp_path / "ref" / "loss.tsv", sep="\t")
     curve = pd.read_csv(tmp_path / "run" / "loss.tsv", sep="\t")
     assert np.allclose(ref_curve["loss"], curve["loss"])
+
+
+def test_a_model_trained_on_the_authors_wording_keeps_and_uses_it(data, tmp_path, caplog):
+    sd = build_tiny_sd(TINY, 32)
+    sd.tokenizer = spy = TokenizerSpy(sd.tokenizer)
+    cfg = {**FINETUNE, "max_steps": 2, "checkpoint_every": 2}
+    args = (data, tmp_path / "out", tmp_path / "loss.tsv", tmp_path / "ckpt", cfg)
+    finetune(sd, *args, prompt_template="authors")
+    # stage i's prompt bank: the authors' 32 texts, exactly, and the empty prompt
+    assert spy.calls == [[p.render("authors") for p in all_prompts()] + [""]]
+    index = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert index["_prompt_template"] == "authors"
+    again = load_sd(tmp_path / "out")
+    assert again.prompt_template == "authors"
+    again.tokenizer = spy = TokenizerSpy(again.tokenizer)
+    sample_images(again, ["mel__hair-ink", "nv__none"], [0, 1], num_steps=2)
+    assert spy.calls == [
+        [
+            "a dermoscopic image with melanoma (MEL) showing hair, ink",
+            "a dermoscopic image with melanocytic nevus (NV) with no visible artifacts",
+        ],
+        [""],
+    ]
+    # the same settings with the paper's wording are another run: its checkpoint is not resumed
+    with caplog.at_level("WARNING"):
+        finetune(build_tiny_sd(TINY, 32), *args, prompt_template="paper")
+    assert "belongs to another configuration" in caplog.text
+    assert load_sd(tmp_path / "out").prompt_template == "paper"
+    with pytest.raises(ValueError, match="prompt template 'clip'"):
+        finetune(build_tiny_sd(TINY, 32), *args, prompt_template="clip")
 
 
 def test_checkpoints_of_another_configuration_are_not_resumed(data, tmp_path, caplog):
@@ -369,6 +423,97 @@ def test_classifier_training_resumes_after_a_kill_and_ends_identical(
         assert (run / name).read_text() == (classifier_dir / name).read_text(), name
     # a finished run's checkpoint says so: a re-run only rewrites the outputs
     assert sorted(p.name for p in (run / "ckpt").iterdir())[-1] == "step_00000003"
+
+
+def _recording_validation(monkeypatch, losses=None):
+    """Record, at each epoch's validation, the learning rate and the backbone's weights; with
+    ``losses``, report those validation losses instead of the measured ones."""
+    real, seen = classifier_mod._val_outputs, []
+
+    def recording(run, batches):
+        probs, y, loss = real(run, batches)
+        if losses is not None:
+            loss = losses[len(seen)]
+        state = {k: v.detach().clone() for k, v in run.model.backbone.state_dict().items()}
+        seen.append({"lr": run.opt.param_groups[0]["lr"], "loss": loss, "state": state})
+        return probs, y, loss
+
+    monkeypatch.setattr(classifier_mod, "_val_outputs", recording)
+    return seen
+
+
+AUTHORS_RECIPE = {"lr_schedule": "cosine", "select_by": "val_loss", "tune_thresholds": False}
+
+
+def test_the_authors_classifier_recipe_resumes_after_a_kill_and_ends_identical(
+    classifier_dir, data, tmp_path, monkeypatch
+):
+    """cosine schedule stepped per epoch, lowest validation loss kept, every head at 0.5."""
+    import math
+
+    from rl4med.data.manifest import read_manifest
+
+    cfg = {**CLASSIFIER, **AUTHORS_RECIPE}
+    ref = tmp_path / "ref"
+    seen = _recording_validation(monkeypatch)
+    train_classifier(
+        data, ref / "model", ref / "t.tsv", ref / "n.tsv", cfg, checkpoint_dir=ref / "c"
+    )
+    lr0, epochs = CLASSIFIER["learning_rate"], CLASSIFIER["epochs"]
+    want = [
+        classifier_mod.COSINE_MIN_LR
+        + (lr0 - classifier_mod.COSINE_MIN_LR) * (1 + math.cos(math.pi * e / epochs)) / 2
+        for e in range(1, epochs + 1)
+    ]
+    assert [r["lr"] for r in seen] == pytest.approx(want)  # after each epoch's step
+    best = min(range(len(seen)), key=lambda e: seen[e]["loss"])
+    kept = load_file(ref / "model" / "model.safetensors")
+    assert all(torch.equal(kept[k], v) for k, v in seen[best]["state"].items())
+    spec = json.loads((ref / "model" / "classifier.json").read_text())
+    assert spec["thresholds"] == [0.5] * 6
+    metrics = pd.read_csv(ref / "t.tsv", sep="\t").set_index("attribute")
+    assert (metrics.loc[list(ATTRIBUTES), "threshold"] == 0.5).all()
+    tuned = json.loads((classifier_dir / "model" / "classifier.json").read_text())["thresholds"]
+    assert tuned != [0.5] * 6  # the default recipe does tune them
+
+    per_epoch = len(read_manifest(data, "train")) // CLASSIFIER["batch_size"]
+    real_augment, calls = classifier_mod.augment, {"n": 0}
+
+    def dying_augment(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == per_epoch + 3:  # killed during epoch 2, after epoch 1's checkpoint
+            raise KeyboardInterrupt("killed")
+        return real_augment(*args, **kw)
+
+    run = tmp_path / "run"
+    outputs = (run / "model", run / "t.tsv", run / "n.tsv")
+    monkeypatch.setattr(classifier_mod, "augment", dying_augment)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(data, *outputs, cfg, checkpoint_dir=run / "c")
+    monkeypatch.setattr(classifier_mod, "augment", real_augment)
+    train_classifier(data, *outputs, cfg, checkpoint_dir=run / "c")
+    again = load_file(run / "model" / "model.safetensors")
+    assert kept.keys() == again.keys() and all(torch.equal(kept[k], again[k]) for k in kept)
+    for name in ("model/classifier.json", "t.tsv", "n.tsv"):
+        assert (run / name).read_text() == (ref / name).read_text(), name
+
+
+def test_select_by_val_loss_keeps_the_lowest_loss_epoch_and_stops_on_it(
+    data, tmp_path, monkeypatch, caplog
+):
+    cfg = {**CLASSIFIER, "epochs": 5, "patience": 2, "select_by": "val_loss"}
+    seen = _recording_validation(monkeypatch, losses=[0.5, 0.3, 0.4, 0.45, 0.2])
+    out = tmp_path / "m"
+    with caplog.at_level("INFO"):
+        train_classifier(data, out / "model", out / "t.tsv", out / "n.tsv", cfg)
+    # epoch 2 has the lowest loss; epochs 3 and 4 do not improve on it: stop before epoch 5
+    assert len(seen) == 4
+    assert "early stop after epoch 4 (best val loss 0.3000)" in caplog.text
+    kept = load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(kept[k], v) for k, v in seen[1]["state"].items())
+    assert not all(torch.equal(kept[k], v) for k, v in seen[3]["state"].items())
+    with pytest.raises(ValueError, match="select_by 'f1'"):
+        train_classifier(data, out / "x", out / "x.tsv", out / "y.tsv", {**cfg, "select_by": "f1"})
 
 
 def test_saved_thresholds_are_used(classifier_dir, data, tmp_path):
@@ -513,6 +658,26 @@ def test_prompt_adherence_keeps_only_the_grid_and_does_not_depend_on_batches(cla
     whole, _ = prompt_adherence(*args, seed=4, batch_size=64)
     pd.testing.assert_frame_equal(table, whole)
     assert table["n"].tolist() == [3, 3]
+    assert (table["apr"] >= table["exact6"]).all()
+
+
+def test_prompt_adherence_apr_reads_the_artifacts_and_exact6_all_six():
+    from rl4med.models.checks import _adherence_rows
+    from rl4med.prompts import Prompt
+
+    p = Prompt("NV", ("hair",))
+    pred = np.array(
+        [
+            [0, 1, 1, 0, 0, 0],  # as prompted
+            [1, 0, 1, 0, 0, 0],  # wrong disease, artifacts as prompted
+            [0, 1, 1, 0, 1, 0],  # unprompted ink
+            [0, 1, 0, 0, 0, 0],  # hair missing
+        ]
+    )
+    (row,) = _adherence_rows("judge", pred, [p] * 4, [p])
+    assert row["apr"] == 0.5 and row["exact6"] == 0.25
+    assert row["disease_correct"] == 0.75 and row["prompted_rate"] == 0.75
+    assert row["unprompted_rate"] == 0.25
 
 
 def test_vae_pretrain_learns_and_sets_the_scaling_factor(data, tmp_path):

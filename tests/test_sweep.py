@@ -28,18 +28,21 @@ def test_grid_expands_to_every_combination_with_readable_names():
         expand_grid({"clip_range": []})
 
 
-def _scores(judge_exact, reward_exact):
-    n = len(judge_exact)
+def _scores(judge_apr, reward_apr, disease_right=1):
+    """Scores of samples whose 4 artifacts are right where ``*_apr`` is 1; the disease is
+    right in every sample (``disease_right`` 1) or in none (exact6 then stays 0)."""
+    n = len(judge_apr)
     rows = []
-    for clf, exact in (("judge", judge_exact), ("reward", reward_exact)):
-        for k, e in enumerate(exact):
+    for clf, apr in (("judge", judge_apr), ("reward", reward_apr)):
+        for k, e in enumerate(apr):
             rows.append(
                 {
                     "classifier": clf,
                     "prompt": "nv__none",
                     "sample": k,
                     "seed": k,
-                    "exact": e,
+                    "apr": e,
+                    "exact6": e * disease_right,
                     "r_A": e,
                     **dict.fromkeys(MATCH_COLUMNS, e),
                 }
@@ -67,7 +70,7 @@ def test_sweep_table_marks_hacking_and_the_best_setting_with_fd_in_bounds():
         "a": (
             {"learning_rate": 1e-5},
             {
-                "scores": _scores([1] * 5 + [0] * 5, [1] * 5 + [0] * 5),
+                "scores": _scores([1] * 5 + [0] * 5, [1] * 5 + [0] * 5, disease_right=0),
                 "fd": _fd(105.0),
                 "lpips": _lpips(0.5),
                 "iterations": _iterations(3),
@@ -96,6 +99,10 @@ def test_sweep_table_marks_hacking_and_the_best_setting_with_fd_in_bounds():
     }
     table = sweep_table(base, settings, n_boot=200).set_index("setting")
     assert table.loc["a", "APR_judge_gain"] == pytest.approx(0.5)
+    # exact6 beside APR: setting a draws the artifacts but never the disease
+    assert table.loc["a", "exact6_judge_gain"] == 0.0 and table.loc["a", "exact6_judge"] == 0.0
+    assert table.loc["b", "exact6_reward_gain"] == pytest.approx(0.8)
+    assert table.loc["b", "exact6_judge_SD"] == 0.0
     assert table.loc["b", "FD_change"] == pytest.approx(0.3)
     assert table.loc["c", "reward_minus_judge_gain"] == 1.0
     assert table["best"].tolist() == [True, False, False]

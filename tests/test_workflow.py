@@ -282,6 +282,13 @@ def check_evaluation(tmp_path, micro):
     assert len(t2) == 8 and t2["APR_SD+RL_judge"].between(0, 100).all()
     t3 = pd.read_csv(tmp_path / "results/evaluation/table3.tsv", sep="\t").set_index("model")
     assert list(t3.index) == ["SD", "SD+RL"]
+    # the paper's APR (4 artifacts) and the 6-attribute exact match, each with its interval
+    for clf in ("reward", "judge"):
+        for metric in ("APR", "exact6"):
+            assert t3[f"{metric}_{clf}"].between(0, 100).all(), (metric, clf)
+            assert t3[f"{metric}_{clf}_ci"].str.startswith("[").all(), (metric, clf)
+        assert (t3[f"APR_{clf}"] >= t3[f"exact6_{clf}"]).all(), clf
+    assert {"exact6_SD_judge", "exact6_SD+RL_reward"} <= set(t2.columns)
     fd_col = "FD (judge features), not comparable to published FID"
     assert (t3[fd_col] > 0).all()
     lpips_col = "LPIPS (random alex backbone), not comparable to published LPIPS"
@@ -314,6 +321,10 @@ def check_showcase_document(tmp_path):
     judge = change[(change["classifier"] == "judge") & (change["metric"] == "APR")].iloc[0]
     assert f"paired change {100 * judge['change']:+.1f} points" in doc
     assert f"[{100 * judge['ci_low']:+.1f}, {100 * judge['ci_high']:+.1f}]" in doc
+    t3 = pd.read_csv(tmp_path / "results/evaluation/table3.tsv", sep="\t").set_index("model")
+    assert "Judge-confirmed APR (the paper's: the 4 artifacts as prompted)" in doc
+    assert "exact6 (all 6 attributes, disease included, as prompted; judge): SD " in doc
+    assert f"{t3.loc['SD+RL', 'exact6_judge']:.1f}% {t3.loc['SD+RL', 'exact6_judge_ci']}" in doc
     assert "make showcase` (workflow and report): 12.6 min" in doc
     # every job's time is in its log: one generate job per sample folder, one DDPO
     n_generate = len(list((tmp_path / "results/samples").glob("*/*/index.csv")))
@@ -323,6 +334,18 @@ def check_showcase_document(tmp_path):
     assert len(pd.read_csv(tuning, sep="\t")) >= 10 and "reward hacking caught" in doc
     for image in ("cpu-showcase-before-after.png", "cpu-showcase-reward.png"):
         assert f"]({image})" in doc and (out / image).stat().st_size > 2000
+    # the headline numbers for tools: the run's paired changes and Table 3's FD/LPIPS
+    summary = pd.read_csv(out / "cpu-showcase-summary.tsv", sep="\t").set_index("metric")
+    assert list(summary.columns) == ["SD", "SD+RL", "change", "ci_low", "ci_high"]
+    for row in ("APR_judge", "APR_reward", "exact6_judge", "r_A_judge", "FD", "LPIPS"):
+        assert row in summary.index
+    for col in ("SD", "SD+RL", "change", "ci_low", "ci_high"):
+        assert summary.loc["APR_judge", col] == pytest.approx(judge[col])
+    fd_col = next(c for c in t3.columns if c.startswith(("FD", "FID")))
+    assert summary.loc["FD", "SD+RL"] == pytest.approx(t3.loc["SD+RL", fd_col])
+    assert summary.loc["FD", "change"] == pytest.approx(
+        t3.loc["SD+RL", fd_col] - t3.loc["SD", fd_col]
+    )
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

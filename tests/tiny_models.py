@@ -22,3 +22,18 @@ def tiny_sd_config(**overrides: object) -> dict:
         },
         **overrides,
     }
+
+
+class TokenizerSpy:
+    """Wraps a model's tokenizer and records every list of texts it is given: the exact words
+    a text encoder sees."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self.tokenizer, self.calls = tokenizer, []
+
+    def __call__(self, texts: list[str], *args: object, **kw: object) -> object:
+        self.calls.append(list(texts))
+        return self.tokenizer(texts, *args, **kw)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.tokenizer, name)

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 PROMPT_HELP = (
-    "a prompt of the template ('A dermoscopic image with melanoma showing hairs and ruler') "
-    "or one of the 32 slugs (`rl4med prompts`)"
+    "a prompt of either template ('A dermoscopic image with melanoma showing hairs and ruler', "
+    "'a dermoscopic image with melanoma (MEL) showing hair, ruler') or one of the 32 slugs "
+    "(`rl4med prompts`); a model is always given the wording it was trained on"
 )
 
 
@@ -23,7 +24,7 @@ def cmd_prompts(args: argparse.Namespace) -> None:
 
     print("slug\tprompt\tC(prompt)")
     for p in all_prompts():
-        print(f"{p.slug}\t{p.text}\t{''.join(map(str, p.labels))}")
+        print(f"{p.slug}\t{p.render(args.template)}\t{''.join(map(str, p.labels))}")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -52,7 +53,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     padded = np.stack(list(images) + [blank] * (rows * cols - args.n))
     labels = [prompt.slug] + [""] * (rows - 1)
     save_grid(padded, rows=rows, labels=labels, path=args.out, max_cols=cols)
-    print(f"{args.n} samples of {prompt.slug!r} ({prompt.text}): {folder}/, grid {args.out}")
+    text = sd.prompt_texts([prompt])[0]  # the wording the model was trained on
+    print(f"{args.n} samples of {prompt.slug!r} ({text}): {folder}/, grid {args.out}")
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -62,6 +64,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     from rl4med.attributes import ATTRIBUTES
     from rl4med.data.images import load_image
     from rl4med.ddpo.reward import AttributeReward
+    from rl4med.evaluation.apr import apr_indicators
     from rl4med.models.classifier import load_classifier
     from rl4med.prompts import to_prompt
     from rl4med.runtime import select_device
@@ -69,19 +72,27 @@ def cmd_score(args: argparse.Namespace) -> None:
     clf = load_classifier(args.classifier, select_device(args.device))
     size = clf.spec.image_size
     images = np.stack([load_image(str(p), size) for p in args.images])
-    table = pd.DataFrame(clf.predict(images), columns=list(ATTRIBUTES))
+    # a classifier without some heads (the authors' H4) leaves their columns empty
+    table = pd.DataFrame(clf.predict(images), columns=list(ATTRIBUTES)).astype("Int64")
     table.insert(0, "image", [str(p) for p in args.images])
     if args.prompt:
         prompt = to_prompt(args.prompt)
-        scored = AttributeReward(clf)(images, [prompt] * len(images))
+        scored = AttributeReward(clf, require_all_heads=False)(images, [prompt] * len(images))
         table["r_A"] = scored.reward.round(4)
-        table["exact"] = scored.matches.all(1).astype(int)
+        for col, hits in apr_indicators(scored.matches).items():
+            table[col] = pd.array(hits).astype("Int64")
     print(table.to_csv(sep="\t", index=False), end="")
     if args.prompt:
+
+        def rate(col: str) -> str:
+            if table[col].isna().any():
+                return f"{col} n/a (no {', '.join(clf.spec.absent)} head)"
+            return f"{col} {table[col].mean():.4f} ({int(table[col].sum())}/{len(table)})"
+
+        r_a = "n/a" if table["r_A"].isna().any() else f"{table['r_A'].mean():.4f}"
         print(
             f"# prompt {prompt.slug}: C = {''.join(map(str, prompt.labels))}, "
-            f"mean r_A {table['r_A'].mean():.4f}, APR {table['exact'].mean():.4f} "
-            f"({int(table['exact'].sum())}/{len(table)})"
+            f"mean r_A {r_a}, {rate('apr').replace('apr', 'APR', 1)}, {rate('exact6')}"
         )
 
 
@@ -93,6 +104,12 @@ def parser() -> argparse.ArgumentParser:
         "prompts",
         help="list the 32 prompts, their slugs and C(prompt)",
         description="The 32 evaluation prompts (2 diseases x 16 artifact sets).",
+    )
+    p.add_argument(
+        "--template",
+        choices=["paper", "authors"],
+        default="paper",
+        help="wording: the paper's Figure 1 (default) or the authors' code (prompts.template)",
     )
     p.set_defaults(func=cmd_prompts)
 
@@ -125,10 +142,11 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "score",
-        help="6-attribute predictions, r_A and APR of images",
+        help="6-attribute predictions, r_A, APR and exact6 of images",
         description="Predict the 6 attributes of images with a classifier folder "
-        "(results/models/classifier_reward or _judge); with --prompt also r_A per "
-        "image and the APR of the set. Tab-separated to stdout.",
+        "(results/models/classifier_reward or _judge); with --prompt also per image r_A, "
+        "apr (the 4 artifacts as prompted: APR's indicator, paper eq. 3) and exact6 (all 6 "
+        "attributes as prompted), and the set's means. Tab-separated to stdout.",
     )
     p.add_argument("--classifier", required=True, type=Path, help="classifier folder")
     p.add_argument("--prompt", default=None, help=PROMPT_HELP)

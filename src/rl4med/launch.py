@@ -55,8 +55,10 @@ def run_finetune(
     rule: str,
     threads: int,
     tracking: Mapping[str, Any] | None,
+    prompt_template: str = "paper",
 ) -> None:
-    """Stage i: fine-tune the UNet of ``base`` (at ``image_size``) into ``model``."""
+    """Stage i: fine-tune the UNet of ``base`` (at ``image_size``) into ``model``, on prompts
+    worded in ``prompt_template`` (config ``prompts.template``; the model records it)."""
     from rl4med.models.finetune import finetune
     from rl4med.models.sd import load_sd
 
@@ -65,7 +67,16 @@ def run_finetune(
     # the UNet's config, so the saved model and every later rule sample at it.
     sd = load_sd(base, image_size=image_size)
     finetune(
-        sd, manifest, model, loss, checkpoints, cfg, device=dev, tracking=tracking, workers=threads
+        sd,
+        manifest,
+        model,
+        loss,
+        checkpoints,
+        cfg,
+        device=dev,
+        tracking=tracking,
+        workers=threads,
+        prompt_template=prompt_template,
     )
     _log_weights(sd.unet)
 

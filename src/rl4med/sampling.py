@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from rl4med.models.sd import StableDiffusion
-from rl4med.prompts import Prompt, to_prompt
+from rl4med.prompts import Prompt
 
 
 def initial_noise(sd: StableDiffusion, seeds: Sequence[int]) -> torch.Tensor:
@@ -66,10 +66,13 @@ def sample_images(
     eta: float = 0.0,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """Generate one image per (prompt, seed): uint8 (B, H, W, 3)."""
+    """Generate one image per (prompt, seed): uint8 (B, H, W, 3).
+
+    The prompts are worded in the model's own template (``sd.prompt_texts``).
+    """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    texts = [to_prompt(p).text for p in prompts]
+    texts = sd.prompt_texts(prompts)
     out = []
     for start in range(0, len(texts), batch_size):
         chunk, chunk_seeds = texts[start : start + batch_size], seeds[start : start + batch_size]

@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from PIL import Image
 from rl4med.attributes import ARTIFACTS, DISPLAY_NAMES
 from rl4med.evaluation.augmentation import TRAINING_SETS, rarest_artifact
 from rl4med.evaluation.report import stop_info
-from rl4med.io import STEP_DONE, atomic_path
+from rl4med.io import STEP_DONE, atomic_path, write_table
 from rl4med.prompts import all_prompts, prompt_from_slug
 
 PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "timm", "torch-fidelity", "lpips")
@@ -141,6 +142,96 @@ def _read(run: Path, rel: str) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t")
 
 
+@dataclass
+class Run:
+    """The files of a finished run that the document and its summary read."""
+
+    path: Path
+    sd: pd.DataFrame  # per-sample scores of SD
+    rl: pd.DataFrame  # ... and of SD+RL, on the same noise
+    change: pd.DataFrame  # paired changes with bootstrap intervals (apr_change.tsv)
+    table2: pd.DataFrame
+    table3: pd.DataFrame
+    table4: pd.DataFrame
+    iterations: pd.DataFrame
+    config: pd.DataFrame
+
+    @property
+    def settings(self) -> dict[str, str]:
+        return dict(zip(self.config["key"], self.config["value"], strict=True))
+
+    def changes(self, classifier: str) -> pd.DataFrame:
+        return self.change[self.change["classifier"] == classifier].set_index("metric")
+
+    def column(self, prefix: str | tuple[str, ...]) -> str:
+        """Table 3's FD/FID or LPIPS column (its name says how it was measured)."""
+        return next(c for c in self.table3.columns if c.startswith(prefix))
+
+
+def read_run(run_dir: str | os.PathLike[str]) -> Run:
+    run = Path(run_dir)
+    ev = "results/evaluation"
+    return Run(
+        path=run,
+        sd=_read(run, f"{ev}/scores_sd.tsv"),
+        rl=_read(run, f"{ev}/scores_sd_rl.tsv"),
+        change=_read(run, f"{ev}/apr_change.tsv"),
+        table2=_read(run, f"{ev}/table2.tsv"),
+        table3=_read(run, f"{ev}/table3.tsv"),
+        table4=_read(run, f"{ev}/table4.tsv"),
+        iterations=_read(run, "results/ddpo/iterations.tsv"),
+        config=_read(run, "results/report/config.tsv"),
+    )
+
+
+SUMMARY_METRICS = {
+    # row name -> (classifier, metric of apr_change.tsv)
+    "APR_judge": ("judge", "APR"),
+    "APR_reward": ("reward", "APR"),
+    "exact6_judge": ("judge", "exact6"),
+    "exact6_reward": ("reward", "exact6"),
+    "r_A_judge": ("judge", "r_A"),
+    "r_A_reward": ("reward", "r_A"),
+}
+
+
+def summary_table(run: Run) -> pd.DataFrame:
+    """The headline numbers for tools: metric, SD, SD+RL, change, ci_low, ci_high.
+
+    APR, exact6 and r_A are fractions (0-1) with the paired 95% bootstrap interval of the
+    change; FD (or FID) and LPIPS are the metric's values, change = SD+RL - SD, no interval
+    (one number per model). The FD row's name is ``FD`` whatever features it used: the
+    document's Table 3 column says which.
+    """
+    rows = []
+    for name, (clf, metric) in SUMMARY_METRICS.items():
+        r = run.changes(clf).loc[metric]
+        rows.append(
+            {
+                "metric": name,
+                "SD": r["SD"],
+                "SD+RL": r["SD+RL"],
+                "change": r["change"],
+                "ci_low": r["ci_low"],
+                "ci_high": r["ci_high"],
+            }
+        )
+    t3 = run.table3.set_index("model")
+    for name, prefix in (("FD", ("FD", "FID")), ("LPIPS", "LPIPS")):
+        values = t3[run.column(prefix)]
+        rows.append(
+            {
+                "metric": name,
+                "SD": values["SD"],
+                "SD+RL": values["SD+RL"],
+                "change": values["SD+RL"] - values["SD"],
+                "ci_low": np.nan,
+                "ci_high": np.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def write_document(
     run_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -149,42 +240,112 @@ def write_document(
     config_file: str,
     name: str = "cpu-showcase",
 ) -> Path:
-    """Write ``<out_dir>/<name>.md`` and its figures from the run folder ``run_dir``."""
-    run, out = Path(run_dir), Path(out_dir)
+    """Write ``<out_dir>/<name>.md``, its figures and ``<name>-summary.tsv`` from the run
+    folder ``run_dir``."""
+    run, out = read_run(run_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ev = "results/evaluation"
-    sd, rl = _read(run, f"{ev}/scores_sd.tsv"), _read(run, f"{ev}/scores_sd_rl.tsv")
-    change = _read(run, f"{ev}/apr_change.tsv")
-    table2, table3 = _read(run, f"{ev}/table2.tsv"), _read(run, f"{ev}/table3.tsv")
-    table4 = _read(run, f"{ev}/table4.tsv")
-    iterations = _read(run, "results/ddpo/iterations.tsv")
-    config = _read(run, "results/report/config.tsv")
-    times = rule_times(run / "logs")
-    info = machine()
+    _figures(run, out, name)
+    write_table(summary_table(run), out / f"{name}-summary.tsv")
+    lines = [
+        "# CPU showcase: RL4Med-DDPO on 2 CPU cores",
+        "",
+        f"Written by `python -m rl4med.showcase` from the outputs of `make showcase` "
+        f"({config_file} over config.yaml) on {dt.date.today().isoformat()}. "
+        f"Do not edit by hand: re-run `make showcase`. The headline numbers are also in "
+        f"{name}-summary.tsv (APR, exact6 and r_A as fractions).",
+        "",
+        *_headline(run, wall_seconds),
+        *_per_attribute(run),
+        *_stage_i(run.path),
+        *_tables(run),
+        *_figure_section(name),
+        *_times_and_machine(run),
+        *_tuning(tuning),
+        "## Configuration of this run",
+        "",
+        "<details><summary>all keys</summary>",
+        "",
+        markdown_table(run.config),
+        "",
+        "</details>",
+        "",
+    ]
+    doc = out / f"{name}.md"
+    with atomic_path(doc) as tmp:
+        Path(tmp).write_text("\n".join(lines))
+    return doc
 
-    judge = change[change["classifier"] == "judge"].set_index("metric")
-    reward = change[change["classifier"] == "reward"].set_index("metric")
-    # per-model APR (%) and its 95% interval as Table 3 has them (one bootstrap, one number)
-    apr = table3.set_index("model")
-    fd_col = next(c for c in table3.columns if c.startswith("FD") or c.startswith("FID"))
-    lpips_col = next(c for c in table3.columns if c.startswith("LPIPS"))
-    fd = table3.set_index("model")[fd_col]
-    fd_change = fd["SD+RL"] / fd["SD"] - 1
-    lpips = table3.set_index("model")[lpips_col]
-    last_iter, stop_reason = stop_info(iterations)
-    settings = dict(zip(config["key"], config["value"], strict=True))
-    per_iteration = int(settings["ddpo.samples_per_prompt"]) * len(all_prompts())
-    n_samples = last_iter * per_iteration
-    prompts = sd["prompt"].nunique()
-    per_prompt = len(sd[sd["classifier"] == "judge"]) // max(prompts, 1)
 
-    # figures: the reward curve as the run drew it, and a before/after grid of the rare artifacts
-    shutil.copyfile(run / "results/figures/ddpo_reward.png", out / f"{name}-reward.png")
-    grids = [run / f"results/figures/samples/{slug}.png" for slug in GRID_PROMPTS]
+def _figures(run: Run, out: Path, name: str) -> None:
+    """The reward curve as the run drew it, and a before/after grid of the rare artifacts."""
+    shutil.copyfile(run.path / "results/figures/ddpo_reward.png", out / f"{name}-reward.png")
+    grids = [run.path / f"results/figures/samples/{slug}.png" for slug in GRID_PROMPTS]
     stack_images([g for g in grids if g.exists()], out / f"{name}-before-after.png")
 
-    rates = artifact_rates(sd).merge(
-        artifact_rates(rl), on=["artifact", "n_prompted"], suffixes=(" SD", " SD+RL")
+
+def _headline(run: Run, wall_seconds: float) -> list[str]:
+    judge, reward = run.changes("judge"), run.changes("reward")
+    # per-model APR (%) and its 95% interval as Table 3 has them (one bootstrap, one number)
+    apr = run.table3.set_index("model")
+    fd_col, lpips_col = run.column(("FD", "FID")), run.column("LPIPS")
+    fd, lpips = apr[fd_col], apr[lpips_col]
+    last_iter, stop_reason = stop_info(run.iterations)
+    per_iteration = int(run.settings["ddpo.samples_per_prompt"]) * len(all_prompts())
+    prompts = run.sd["prompt"].nunique()
+    per_prompt = len(run.sd[run.sd["classifier"] == "judge"]) // max(prompts, 1)
+    manifest = pd.read_csv(run.path / "results/data/manifest.csv")
+    rarest = rarest_artifact(manifest[manifest["split"] == "train"])
+    cut = str(run.settings.get("augmentation.real_train_images", ""))
+    real_train = cut if cut.isdigit() else f"all {int((manifest['split'] == 'train').sum())}"
+    t4 = run.table4.set_index("attribute")
+    return [
+        "## Headline",
+        "",
+        f"- Judge-confirmed APR (the paper's: the 4 artifacts as prompted) over the {prompts} "
+        f"prompts ({per_prompt} paired samples each, same "
+        f"noise): SD {apr.loc['SD', 'APR_judge']:.1f}% {apr.loc['SD', 'APR_judge_ci']} -> "
+        f"SD+RL {apr.loc['SD+RL', 'APR_judge']:.1f}% {apr.loc['SD+RL', 'APR_judge_ci']}; "
+        "paired change "
+        f"{100 * judge.loc['APR', 'change']:+.1f} points "
+        f"{_ci(judge.loc['APR', 'ci_low'], judge.loc['APR', 'ci_high'])} (95% paired bootstrap).",
+        f"- Beside it, exact6 (all 6 attributes, disease included, as prompted; judge): SD "
+        f"{apr.loc['SD', 'exact6_judge']:.1f}% {apr.loc['SD', 'exact6_judge_ci']} -> SD+RL "
+        f"{apr.loc['SD+RL', 'exact6_judge']:.1f}% {apr.loc['SD+RL', 'exact6_judge_ci']}; "
+        f"paired change {100 * judge.loc['exact6', 'change']:+.1f} points "
+        f"{_ci(judge.loc['exact6', 'ci_low'], judge.loc['exact6', 'ci_high'])}.",
+        f"- Judge r_A (share of the 6 attributes as prompted): {judge.loc['r_A', 'SD']:.3f} -> "
+        f"{judge.loc['r_A', 'SD+RL']:.3f}, paired change "
+        f"{100 * judge.loc['r_A', 'change']:+.1f} points "
+        f"{_ci(judge.loc['r_A', 'ci_low'], judge.loc['r_A', 'ci_high'])}.",
+        f"- Reward classifier's APR: {apr.loc['SD', 'APR_reward']:.1f}% -> "
+        f"{apr.loc['SD+RL', 'APR_reward']:.1f}% ({100 * reward.loc['APR', 'change']:+.1f} points); "
+        f"reward minus judge gain: "
+        f"{100 * (reward.loc['APR', 'change'] - judge.loc['APR', 'change']):+.1f} points "
+        "(a large positive gap would be reward hacking).",
+        f"- {fd_col}: {fd['SD']:.1f} -> {fd['SD+RL']:.1f} "
+        f"({100 * (fd['SD+RL'] / fd['SD'] - 1):+.1f}%); "
+        f"{lpips_col}: {lpips['SD']:.3f} -> {lpips['SD+RL']:.3f}.",
+        f"- DDPO: {last_iter} iterations"
+        + f" x {per_iteration} trajectories = {last_iter * per_iteration}"
+        + f"; stopped: {stop_reason}.",
+        f"- Augmentation (Table 4), rarest artifact ({DISPLAY_NAMES[rarest]}), F1 on the real "
+        f"test split, {real_train} real training images, mean +- std over "
+        f"{int(t4.loc[rarest, 'seeds'])} seed(s): "
+        + ", ".join(
+            f"{lab} {t4.loc[rarest, f'F1_{lab}']:.3f} +- {t4.loc[rarest, f'F1_{lab}_std']:.3f}"
+            for lab in TRAINING_SETS.values()
+        )
+        + ".",
+        f"- Wall time of `make showcase` (workflow and report): {wall_seconds / 60:.1f} min.",
+        "",
+    ]
+
+
+def _per_attribute(run: Run) -> list[str]:
+    """The judge's match rate per attribute, and drawn-when-prompted / left-out-when-not."""
+    judge = run.changes("judge")
+    rates = artifact_rates(run.sd).merge(
+        artifact_rates(run.rl), on=["artifact", "n_prompted"], suffixes=(" SD", " SD+RL")
     )
     rates.insert(0, "attribute", rates.pop("artifact").map(DISPLAY_NAMES))
     rates = rates[
@@ -208,51 +369,7 @@ def write_document(
             if m.startswith("match_")
         ]
     )
-    manifest = pd.read_csv(run / "results/data/manifest.csv")
-    rarest = rarest_artifact(manifest[manifest["split"] == "train"])
-    cut = str(settings.get("augmentation.real_train_images", ""))
-    real_train = cut if cut.isdigit() else f"all {int((manifest['split'] == 'train').sum())}"
-    t4 = table4.set_index("attribute")
-
-    lines = [
-        "# CPU showcase: RL4Med-DDPO on 2 CPU cores",
-        "",
-        f"Written by `python -m rl4med.showcase` from the outputs of `make showcase` "
-        f"({config_file} over config.yaml) on {dt.date.today().isoformat()}. "
-        "Do not edit by hand: re-run `make showcase`.",
-        "",
-        "## Headline",
-        "",
-        f"- Judge-confirmed APR over the {prompts} prompts ({per_prompt} paired samples each, same "
-        f"noise): SD {apr.loc['SD', 'APR_judge']:.1f}% {apr.loc['SD', 'APR_judge_ci']} -> "
-        f"SD+RL {apr.loc['SD+RL', 'APR_judge']:.1f}% {apr.loc['SD+RL', 'APR_judge_ci']}; "
-        "paired change "
-        f"{100 * judge.loc['APR', 'change']:+.1f} points "
-        f"{_ci(judge.loc['APR', 'ci_low'], judge.loc['APR', 'ci_high'])} (95% paired bootstrap).",
-        f"- Judge r_A (share of the 6 attributes as prompted): {judge.loc['r_A', 'SD']:.3f} -> "
-        f"{judge.loc['r_A', 'SD+RL']:.3f}, paired change "
-        f"{100 * judge.loc['r_A', 'change']:+.1f} points "
-        f"{_ci(judge.loc['r_A', 'ci_low'], judge.loc['r_A', 'ci_high'])}.",
-        f"- Reward classifier's APR: {apr.loc['SD', 'APR_reward']:.1f}% -> "
-        f"{apr.loc['SD+RL', 'APR_reward']:.1f}% ({100 * reward.loc['APR', 'change']:+.1f} points); "
-        f"reward minus judge gain: "
-        f"{100 * (reward.loc['APR', 'change'] - judge.loc['APR', 'change']):+.1f} points "
-        "(a large positive gap would be reward hacking).",
-        f"- {fd_col}: {fd['SD']:.1f} -> {fd['SD+RL']:.1f} ({100 * fd_change:+.1f}%); "
-        f"{lpips_col}: {lpips['SD']:.3f} -> {lpips['SD+RL']:.3f}.",
-        f"- DDPO: {last_iter} iterations"
-        + f" x {per_iteration} trajectories = {n_samples}"
-        + f"; stopped: {stop_reason}.",
-        f"- Augmentation (Table 4), rarest artifact ({DISPLAY_NAMES[rarest]}), F1 on the real "
-        f"test split, {real_train} real training images, mean +- std over "
-        f"{int(t4.loc[rarest, 'seeds'])} seed(s): "
-        + ", ".join(
-            f"{lab} {t4.loc[rarest, f'F1_{lab}']:.3f} +- {t4.loc[rarest, f'F1_{lab}_std']:.3f}"
-            for lab in TRAINING_SETS.values()
-        )
-        + ".",
-        f"- Wall time of `make showcase` (workflow and report): {wall_seconds / 60:.1f} min.",
-        "",
+    return [
         "## Per attribute (judge classifier)",
         "",
         "Match rate over all samples (SD -> SD+RL, paired 95% interval):",
@@ -263,21 +380,38 @@ def write_document(
         "",
         markdown_table(rates),
         "",
-        *_stage_i(run),
+    ]
+
+
+def _tables(run: Run) -> list[str]:
+    """Tables 3, 2 and 4 of this run beside the paper's."""
+    return [
         "## Table 3: this run beside the paper",
         "",
-        markdown_table(table3, 3),
+        "APR_*: the paper's APR (the 4 artifacts as prompted); exact6_*: all 6 attributes as "
+        "prompted; both in % with 95% bootstrap intervals. The FD/FID column's name says how "
+        "images were fed (\"authors' uint8 wrap\" when as the authors' code).",
+        "",
+        markdown_table(run.table3, 3),
         "",
         "## Table 2: APR (%) of single-artifact prompts, this run beside the paper",
         "",
-        markdown_table(table2, 1),
+        "APR as the paper computes it (the 4 artifacts as prompted); exact6 (all 6 attributes) "
+        "beside it.",
+        "",
+        markdown_table(run.table2, 1),
         "",
         "## Table 4: classifier trained on Real, Real+SD, Real+SD-RL (real test split)",
         "",
-        f"Mean +- std over {int(table4['seeds'].iloc[0])} seed(s); paper: F1 on ISIC2019.",
+        f"Mean +- std over {int(run.table4['seeds'].iloc[0])} seed(s); paper: F1 on ISIC2019.",
         "",
-        markdown_table(_compact_table4(table4)),
+        markdown_table(_compact_table4(run.table4)),
         "",
+    ]
+
+
+def _figure_section(name: str) -> list[str]:
+    return [
         "## Figures",
         "",
         f"Before (SD) and after (SD+RL) on the same noise, prompts {', '.join(GRID_PROMPTS)} "
@@ -289,11 +423,17 @@ def write_document(
         "",
         f"![reward curve]({name}-reward.png)",
         "",
+    ]
+
+
+def _times_and_machine(run: Run) -> list[str]:
+    info = machine()
+    return [
         "## Wall time per rule",
         "",
         "Job seconds (process start to end, imports included); two jobs run at a time.",
         "",
-        markdown_table(times, 1),
+        markdown_table(rule_times(run.path / "logs"), 1),
         "",
         "## Machine",
         "",
@@ -301,35 +441,27 @@ def write_document(
         "document: it needs a CUDA device, and the machine below had none."
         if not info["gpu"] or info["gpu"] == "none"
         else f"Run on {info['gpu']}.",
+        "CPU kernels differ between machines: a rerun elsewhere moves these numbers by a few "
+        "points.",
         "",
         markdown_table(pd.DataFrame(list(info.items()), columns=["what", "value"])),
         "",
     ]
-    if tuning is not None and Path(tuning).exists():
-        log = pd.read_csv(tuning, sep="\t")
-        lines += [
-            "## Tuning log",
-            "",
-            f"Every setting tried on the way to this configuration ({Path(tuning).name}), "
-            "failures included:",
-            "",
-            markdown_table(log, 3),
-            "",
-        ]
-    lines += [
-        "## Configuration of this run",
+
+
+def _tuning(tuning: str | os.PathLike[str] | None) -> list[str]:
+    if tuning is None or not Path(tuning).exists():
+        return []
+    log = pd.read_csv(tuning, sep="\t")
+    return [
+        "## Tuning log",
         "",
-        "<details><summary>all keys</summary>",
+        f"Every setting tried on the way to this configuration ({Path(tuning).name}), "
+        "failures included:",
         "",
-        markdown_table(config),
-        "",
-        "</details>",
+        markdown_table(log, 3),
         "",
     ]
-    doc = out / f"{name}.md"
-    with atomic_path(doc) as tmp:
-        Path(tmp).write_text("\n".join(lines))
-    return doc
 
 
 def _compact_table4(table4: pd.DataFrame) -> pd.DataFrame:

@@ -1,7 +1,9 @@
 """Which weight files a configuration needs, and fetching them on a machine with internet.
 
 The workflow itself never downloads (HF_HUB_OFFLINE=1); ``scripts/fetch_weights.py`` runs this
-once on a login node, writing each file where the configuration expects it.
+once on a login node, writing each file where the configuration expects it. The authors'
+published weights (config ``published``) live in a Google Drive folder, not on a model hub:
+they are listed with that folder as their source and must be downloaded by hand.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import logging
 import os
 import sys
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,22 @@ TORCHVISION_URLS = {
 }
 
 
+# torchvision's ImageNet weights of the non-timm classifier architectures (IMAGENET1K_V1)
+TORCHVISION_CLASSIFIER_URLS = {
+    "torchvision/efficientnet_b0": (
+        "https://download.pytorch.org/models/efficientnet_b0_rwightman-7f5810bc.pth"
+    ),
+}
+# the shared folder of the authors' README ("Trained Weights and Samples")
+AUTHORS_FOLDER_URL = "https://drive.google.com/drive/folders/1ah15Yu5Iu7kXdSM649yKhqCLDhqol0ef"
+AUTHORS_FILES = {
+    "unet": "pretrained_unet.safetensors",
+    "lora": "rl4med-checkpoint50/",
+    "reward": "artifact_classifier_train_H6.pth",
+    "judge": "artifact_classifier_train_H4.pth",
+}
+MANUAL = "manual:"
+
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
@@ -50,8 +68,25 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 class Weight:
     key: str  # the config key that names the destination
     destination: str
-    # an URL, "hf:<repo>" (a folder) or "timm:<architecture>[.<tag>]" (model.safetensors)
+    # an URL, "hf:<repo>" (a folder), "timm:<architecture>[.<tag>]" (model.safetensors) or
+    # "manual:<where to download it by hand>"
     source: str
+
+
+class ManualDownloadError(ValueError):
+    """Weights that must be downloaded by hand are missing."""
+
+
+def overlay_configs(configs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Configs merged as ``--configfile a b`` merges them: later keys win, mappings merge."""
+    out: dict[str, Any] = {}
+    for cfg in configs:
+        for key, value in cfg.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+                out[key] = overlay_configs([out[key], value])
+            else:
+                out[key] = value
+    return out
 
 
 def allow_downloads() -> None:
@@ -80,12 +115,21 @@ def required_weights(config: Mapping[str, Any]) -> list[Weight]:
     sd = config.get("sd", {})
     if sd.get("kind") == "pretrained" and sd.get("path"):
         out.append(Weight("sd.path", sd["path"], f"hf:{SD15_REPO}"))
-    roles = dict(config.get("classifier", {}))
+    published = config.get("published") or {}
+    for role, name in AUTHORS_FILES.items():
+        if published.get(role):
+            source = f"{MANUAL}{name} from {AUTHORS_FOLDER_URL}"
+            out.append(Weight(f"published.{role}", published[role], source))
+    # with published weights the reward and judge are imported, not trained
+    roles = {} if published else dict(config.get("classifier", {}))
     roles["augmentation"] = config.get("augmentation", {}).get("classifier", {})
     for role, cfg in roles.items():
         if cfg.get("pretrained_file"):
             key = "augmentation.classifier" if role == "augmentation" else f"classifier.{role}"
-            source = timm_source(cfg["architecture"], cfg["pretrained_file"])
+            arch = cfg["architecture"]
+            source = TORCHVISION_CLASSIFIER_URLS.get(arch) or timm_source(
+                arch, cfg["pretrained_file"]
+            )
             out.append(Weight(f"{key}.pretrained_file", cfg["pretrained_file"], source))
     evaluation = config.get("evaluation", {})
     if evaluation.get("fid", {}).get("inception_weights"):
@@ -118,8 +162,17 @@ def fetch(weight: Weight) -> None:
     files and fetches what an interrupted download left out; a single file is written
     atomically and an existing one is kept.
     """
-    allow_downloads()
     dest = Path(weight.destination)
+    if weight.source.startswith(MANUAL):
+        if not dest.exists():
+            raise ManualDownloadError(
+                f"{weight.key}: {dest} is missing; download {weight.source[len(MANUAL) :]} "
+                "by hand (the authors' README: gdown --folder "
+                f"{AUTHORS_FOLDER_URL.rsplit('/', 1)[-1]}) and put it there"
+            )
+        log.info("%s: %s present (downloaded by hand)", weight.key, dest)
+        return
+    allow_downloads()
     if weight.source.startswith("hf:"):
         from huggingface_hub import snapshot_download
 

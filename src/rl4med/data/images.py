@@ -113,12 +113,14 @@ def manifest_loader(
     device: torch.device | str = "cpu",
     order: Sequence[int] | None = None,
     drop_last: bool = False,
+    crop: str = "center",
 ) -> DataLoader:
-    """(uint8 (B, 3, size, size), labels (B, 6)) batches of a manifest's rows in ``order``."""
+    """(uint8 (B, 3, size, size), labels (B, 6)) batches of a manifest's rows in ``order``
+    (``crop`` as ``load_image``'s: ``none`` for the metrics' real images)."""
     order = range(len(df)) if order is None else order
     cuda = torch.device(device).type == "cuda"
     return batch_loader(
-        ManifestImages(df, size),
+        ManifestImages(df, size, crop),
         order,
         batch_size,
         num_workers,

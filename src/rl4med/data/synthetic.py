@@ -3,7 +3,7 @@
 Skin with texture and vignetting, one lesion (nevus: small, round, symmetric, uniform brown,
 sharp border; melanoma: larger, asymmetric, irregular fuzzy border, dark brown / black /
 blue-grey), then the four artifacts on top (hair strokes, gel bubbles with specular rims,
-purple/blue ink marks, a ruler with ticks along one edge).
+violet/magenta ink marks in a hue no lesion has, a ruler with ticks along one edge).
 
 Labels follow ISIC2019-like prevalences with spurious correlations (rulers and gel are more
 frequent with melanoma), which a plain fine-tuned generator picks up as unprompted artifacts.
@@ -51,6 +51,7 @@ DEFAULT_COOCCURRENCE: list[dict[str, Any]] = [
 ]
 
 MAX_HAIRS, MAX_BUBBLES, MAX_INK = 10, 6, 3
+INK_VIOLET, INK_MAGENTA = (0.55, 0.06, 0.78), (0.82, 0.08, 0.62)  # marker ink colours (RGB)
 SCENE_BLOCK = 256  # images whose scene parameters come from one seeded generator
 ARTIFACT_PARAMS: dict[str, tuple[str, ...]] = {
     # the scene parameters each artifact draws with (and nothing else does)
@@ -293,17 +294,19 @@ def sample_scene(rng: np.random.Generator, b: int) -> SceneParams:
     p["gel_n"] = rng.integers(1, MAX_BUBBLES + 1, b)
     p["gel_centre"] = u(0.1, 0.9, (b, MAX_BUBBLES, 2))
     p["gel_radius"] = u(0.045, 0.085, (b, MAX_BUBBLES))
-    # ink: purple/blue marker marks around the lesion
+    # ink: violet/magenta marker marks around the lesion
     p["ink_n"] = rng.integers(1, MAX_INK + 1, b)
     p["ink_angle"] = u(0, 2 * np.pi, (b, MAX_INK))
     p["ink_dist"] = u(0.08, 0.14, (b, MAX_INK))
     p["ink_dir"] = u(0, np.pi, (b, MAX_INK))
     p["ink_len"] = u(0.08, 0.2, (b, MAX_INK))
     p["ink_width"] = u(0.05, 0.075, (b, MAX_INK))
+    # saturated violet-to-magenta marker ink: red and blue far above green, a hue no lesion
+    # has (melanoma's blue-grey has green ~ red, its brown and black have blue <= green), so a
+    # classifier cannot read a lesion's colour as ink
     mix = u(0, 1)[:, None]
     p["ink_colour"] = (
-        np.array([0.45, 0.16, 0.62], np.float32) * (1 - mix)
-        + np.array([0.18, 0.22, 0.70], np.float32) * mix
+        np.array(INK_VIOLET, np.float32) * (1 - mix) + np.array(INK_MAGENTA, np.float32) * mix
     )
     # ruler: a light bar with dark ticks along one edge
     p["ruler_side"] = rng.integers(0, 4, b)
@@ -395,14 +398,14 @@ def render(labels: np.ndarray, scene: SceneParams, size: int) -> np.ndarray:
         img = _over(img, white, (0.9 * rim * v).max(1))
         img = _over(img, white, (0.95 * hl * v).max(1))
 
-    # ink: thick purple/blue marks just outside the lesion
+    # ink: thick violet/magenta marks just outside the lesion
     if on["ink"].any():
         valid = (np.arange(MAX_INK)[None] < p["ink_n"][:, None]) & on["ink"][:, None]
         base_r = np.where(mel, p["mel_radius"], p["nv_radius"])[:, None]
         mid = p["centre"][:, None, :] + (base_r + p["ink_dist"])[..., None] * np.stack(
             [np.sin(p["ink_angle"]), np.cos(p["ink_angle"])], -1
         )
-        mid = np.clip(mid, 0.08, 0.92)
+        mid = np.clip(mid, 0.18, 0.82)  # centre clear of a ruler band (depth <= 0.17)
         half = (
             0.5
             * p["ink_len"][..., None]
@@ -411,7 +414,7 @@ def render(labels: np.ndarray, scene: SceneParams, size: int) -> np.ndarray:
         cov = _stroke_coverage(
             mid - half, mid, mid + half, np.maximum(p["ink_width"] * size, 2.0), valid, size
         )
-        img = _over(img, p["ink_colour"], 0.88 * cov)
+        img = _over(img, p["ink_colour"], 0.92 * cov)
 
     # ruler: bar along one edge with ticks every period, every 5th one long
     if on["ruler"].any():

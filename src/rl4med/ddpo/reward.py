@@ -10,26 +10,49 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rl4med.models.classifier import AttributeClassifier
+from rl4med.attributes import ATTRIBUTES
+from rl4med.models.classifier import AttributeClassifier, ClassifierError
 from rl4med.prompts import Prompt, to_prompt
 
 
 @dataclass
 class RewardOutput:
     reward: np.ndarray  # (B,)
-    matches: np.ndarray  # (B, 6) 1 where the predicted attribute equals C(prompt)
+    matches: np.ndarray  # (B, 6) 1 where the predicted attribute equals C(prompt), NaN: no head
 
 
 RewardFn = Callable[[np.ndarray, Sequence[str | Prompt]], RewardOutput]
 
 
-class AttributeReward:
-    """r_A(f(x), c) = (1/6) sum_k [f_k(x) == C(c)_k] with the classifier's tuned thresholds."""
+def prediction_matches(pred: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """1.0 where a prediction equals the prompt's label, 0.0 where not, NaN where the
+    classifier has no such head (its prediction is NaN): a missing head is never a miss."""
+    pred = np.asarray(pred, dtype=np.float64)
+    matches = (pred == np.asarray(want)).astype(np.float64)
+    matches[np.isnan(pred)] = np.nan
+    return matches
 
-    def __init__(self, classifier: AttributeClassifier) -> None:
+
+class AttributeReward:
+    """r_A(f(x), c) = (1/6) sum_k [f_k(x) == C(c)_k] with the classifier's tuned thresholds.
+
+    As DDPO's reward the classifier needs all 6 heads (``require_all_heads``); scoring samples
+    with a classifier that lacks some (the authors' 4-head H4) gives NaN r_A and NaN matches
+    of the absent heads.
+    """
+
+    def __init__(self, classifier: AttributeClassifier, require_all_heads: bool = True) -> None:
+        spec = getattr(classifier, "spec", None)  # any object with predict() may stand in
+        absent = spec.absent if spec is not None else []
+        if require_all_heads and absent:
+            raise ClassifierError(
+                f"the reward r_A needs all 6 heads ({', '.join(ATTRIBUTES)}); this classifier "
+                f"has no {', '.join(absent)} head (the authors' H4 is only for APR: use their "
+                "H6 as the reward)"
+            )
         self.classifier = classifier
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str | Prompt]) -> RewardOutput:
         want = np.array([to_prompt(p).labels for p in prompts])
-        matches = (self.classifier.predict(images) == want).astype(np.float64)
+        matches = prediction_matches(self.classifier.predict(images), want)
         return RewardOutput(reward=matches.mean(axis=1), matches=matches)

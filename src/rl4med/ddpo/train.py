@@ -60,6 +60,7 @@ from rl4med.ddpo.trajectories import (
     step_log_probs,
 )
 from rl4med.io import write_table
+from rl4med.models.published import init_adapters_from_attn_lora, read_attn_lora
 from rl4med.models.sd import StableDiffusion
 from rl4med.models.trainable import (
     cast_frozen,
@@ -99,8 +100,12 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 RATIO_TOLERANCE = {"no": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
 
 # settings that change memory use or speed but not the trajectories or updates (beyond rounding):
-# a run killed for memory may resume with a smaller sample_batch_size
-NOT_IN_FINGERPRINT = ("max_iterations", "sample_batch_size", "gradient_checkpointing")
+# a run killed for memory may resume with a smaller sample_batch_size. The start LoRA counts by
+# its content (its file's digest), not by its path.
+NOT_IN_FINGERPRINT = ("max_iterations", "sample_batch_size", "gradient_checkpointing", "init_lora")
+# settings the workflow sets from config `published` (rules/common.smk ddpo_settings), not
+# keys of the config's ddpo section
+FROM_WORKFLOW = ("init_lora", "start_iteration")
 
 
 class CheckpointMismatchError(ValueError):
@@ -138,6 +143,11 @@ class Settings:
     min_count: int = 16
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    # Continuing from a published LoRA (set by the workflow from config `published`, not a
+    # schema key): the diffusers-0.17 attention LoRA the adapters start from, and the iterations
+    # it was trained for (the first iteration run here is start_iteration + 1)
+    init_lora: str = ""
+    start_iteration: int = 0
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Settings:
@@ -158,6 +168,16 @@ class Settings:
         for key in ("sample_batch_size", "batch_size", "gradient_accumulation_steps"):
             if getattr(settings, key) < 1:
                 raise ValueError(f"ddpo.{key} {getattr(settings, key)}: must be >= 1")
+        if not 0 <= settings.start_iteration < settings.max_iterations:
+            raise ValueError(
+                f"ddpo.max_iterations {settings.max_iterations} must exceed the "
+                f"{settings.start_iteration} iterations the run continues from"
+            )
+        if settings.init_lora and settings.trainable != "lora":
+            raise ValueError(
+                f"ddpo.trainable {settings.trainable!r}: continuing from the LoRA "
+                f"{settings.init_lora} needs trainable: lora"
+            )
         return settings
 
 
@@ -295,12 +315,21 @@ def _setup(
         )
     sd.to(accel.device)
     unet = sd.unet
-    texts = [p.text for p in prompts]
+    texts = sd.prompt_texts(prompts)  # the stage-i model's template
     settings = {k: v for k, v in asdict(s).items() if k not in NOT_IN_FINGERPRINT}
+    start_lora = read_attn_lora(s.init_lora) if s.init_lora else None
     # the stage-i weights are part of the run: a re-trained stage i never resumes an old run
-    run_id = fingerprint(settings, texts, unet.config, weights_signature(unet))
+    run_id = fingerprint(
+        settings,
+        texts,
+        unet.config,
+        weights_signature(unet),
+        *([start_lora.digest] if start_lora else []),
+    )
     reference = copy.deepcopy(unet).requires_grad_(False).eval() if s.kl_weight > 0 else None
     select_trainable(unet, s.trainable, s.lora_rank)
+    if start_lora is not None:  # the published LoRA's policy is where this run starts
+        init_adapters_from_attn_lora(unet, start_lora)
     originals = []
     if s.mixed_precision in HALF:
         half = HALF[s.mixed_precision]
@@ -334,7 +363,9 @@ def _setup(
         run_id=run_id,
         originals=originals,
         tracker=PerPromptStatTracker(s.buffer_size, s.min_count),
-        stopper=RewardPlateau(s.stop_epsilon, s.stop_patience, s.max_iterations),
+        stopper=RewardPlateau(
+            s.stop_epsilon, s.stop_patience, s.max_iterations - s.start_iteration
+        ),
     )
 
 
@@ -342,7 +373,13 @@ def _resume(run: _Run, checkpoint_dir: str | Path) -> tuple[int, str | None]:
     """Load the newest checkpoint of this run (same settings and stage-i weights), if any."""
     ckpt = load_latest_checkpoint(checkpoint_dir, run.run_id)
     if ckpt is None:
-        return 0, None
+        if run.s.start_iteration:
+            log.info(
+                "DDPO continues from %s after its %d iterations",
+                run.s.init_lora,
+                run.s.start_iteration,
+            )
+        return run.s.start_iteration, None
     names = trainable_state(run.unet)
     if set(ckpt.model) != set(names):
         missing, extra = sorted(set(names) - set(ckpt.model)), sorted(set(ckpt.model) - set(names))

@@ -3,3 +3,7 @@
 # the file listing a generate job's samples (file, prompt, sample, seed); light to import, so
 # the data-only rules (augmentation manifests) need no torch
 SAMPLE_INDEX = "index.csv"
+
+# the real images FD/FID and LPIPS compare samples with: the test split (resized to the model's
+# size without cropping), as the authors' metric code
+REAL_SPLIT = "test"

@@ -1,8 +1,15 @@
 """APR (paper eq. 3) and the attribute scores of generated samples, by reward and judge.
 
-APR(prompt) = share of samples whose thresholded 6-head prediction equals C(prompt) exactly.
+APR(prompt) = share of samples whose 4 thresholded artifact predictions (hair, gel bubbles,
+ink, ruler) all equal the prompt's, as the authors compute eq. 3 with their separate 4-head
+evaluation classifier: the disease is not part of APR. Here the judge plays that classifier's
+role (it keeps its 6 heads; only the 4 artifact heads count). ``exact6`` is the stricter
+6-attribute exact match (disease too), kept beside APR; APR >= exact6 always. r_A stays the
+reward of DDPO: the mean over all 6 heads.
 The same numbers from the reward classifier (which DDPO optimised) and from the independent
 judge (never a reward): a gain that only the reward classifier sees is reward hacking.
+With the authors' published classifiers the judge is their 4-head H4: its APR is theirs, and
+what needs the disease heads (its r_A, exact6, disease matches) is NaN, shown as missing.
 """
 
 from __future__ import annotations
@@ -20,17 +27,35 @@ from rl4med.prompts import Prompt, all_prompts, prompt_from_labels, prompt_from_
 
 MATCH_COLUMNS = [f"match_{a}" for a in ATTRIBUTES]
 MODELS = {"sd": "SD", "sd_rl": "SD+RL"}
+ARTIFACT_HEADS = [ATTRIBUTES.index(a) for a in ARTIFACTS]
+SAMPLE_METRICS = {"apr": "APR", "exact6": "exact6"}
+"""Per-sample indicator column -> the name of its mean in the tables."""
+
+
+def apr_indicators(matches: np.ndarray) -> dict[str, np.ndarray]:
+    """From per-attribute matches (N, 6): APR's indicator (the 4 artifacts as prompted) and
+    exact6's (all 6 attributes as prompted), as floats; NaN where a match it needs is NaN (a
+    classifier without that head, e.g. exact6 of the authors' 4-head H4)."""
+    m = np.asarray(matches, dtype=np.float64)
+
+    def all_of(part: np.ndarray) -> np.ndarray:
+        out = (part == 1).all(1).astype(float)
+        out[np.isnan(part).any(1)] = np.nan
+        return out
+
+    return {"apr": all_of(m[:, ARTIFACT_HEADS]), "exact6": all_of(m)}
 
 
 def per_sample_scores(
     classifier: AttributeClassifier, images: np.ndarray, prompts: Sequence[Prompt]
 ) -> dict[str, np.ndarray]:
-    """Per sample: r_A, exact match (APR's indicator) and each attribute's match."""
-    scored = AttributeReward(classifier)(images, prompts)
+    """Per sample: r_A, APR's indicator (4 artifacts), exact6's (all 6) and each match (NaN
+    for what a classifier without some heads cannot tell)."""
+    scored = AttributeReward(classifier, require_all_heads=False)(images, prompts)
     match = scored.matches
     return {
         "r_A": scored.reward,
-        "exact": match.all(1).astype(float),
+        **apr_indicators(match),
         **{col: match[:, k] for k, col in enumerate(MATCH_COLUMNS)},
     }
 
@@ -39,7 +64,7 @@ def score_samples(
     classifiers: Mapping[str, AttributeClassifier],
     batches: Iterable[tuple[np.ndarray, pd.DataFrame]],
 ) -> pd.DataFrame:
-    """One row per (classifier, sample): prompt, sample, seed, r_A, exact, match_*.
+    """One row per (classifier, sample): prompt, sample, seed, r_A, apr, exact6, match_*.
 
     ``batches``: (uint8 images (B, H, W, 3), their index rows with prompt, sample and seed), e.g.
     ``iter_samples``; each batch is scored by every classifier and dropped, only scores are kept.
@@ -66,11 +91,12 @@ def paired_bootstrap(
 
 
 def apr_by_prompt(scores: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """Per model, classifier and prompt: APR, mean r_A and the per-attribute match rates."""
+    """Per model, classifier and prompt: APR, exact6, mean r_A and the attribute match rates."""
     frames = []
     for model, df in scores.items():
-        agg = df.groupby(["classifier", "prompt"], sort=False)[["exact", "r_A", *MATCH_COLUMNS]]
-        out = agg.mean().reset_index().rename(columns={"exact": "APR"})
+        cols = [*SAMPLE_METRICS, "r_A", *MATCH_COLUMNS]
+        agg = df.groupby(["classifier", "prompt"], sort=False)[cols]
+        out = agg.mean().reset_index().rename(columns=SAMPLE_METRICS)
         out.insert(0, "model", model)
         out["n"] = df.groupby(["classifier", "prompt"], sort=False).size().to_numpy()
         frames.append(out)
@@ -89,13 +115,13 @@ def paired_change(
         )
     rows = []
     for clf, part in merged.groupby("classifier", sort=False):
-        for metric in ["exact", "r_A", *MATCH_COLUMNS]:
+        for metric in [*SAMPLE_METRICS, "r_A", *MATCH_COLUMNS]:
             b, a = part[f"{metric}_sd"].to_numpy(), part[f"{metric}_rl"].to_numpy()
             delta, lo, hi = paired_bootstrap(b, a, n_boot, seed)
             rows.append(
                 {
                     "classifier": clf,
-                    "metric": "APR" if metric == "exact" else metric,
+                    "metric": SAMPLE_METRICS.get(metric, metric),
                     "SD": b.mean(),
                     "SD+RL": a.mean(),
                     "change": delta,
@@ -127,7 +153,8 @@ def subgroup_counts(train: pd.DataFrame, prompt: Prompt) -> tuple[int, int]:
 
 
 def table2(per_prompt: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
-    """Table 2: APR (%) of MEL/NV x single-artifact prompts, beside the real subgroup sizes."""
+    """Table 2: APR (%) of MEL/NV x single-artifact prompts, beside the real subgroup sizes;
+    exact6 (%) beside each APR column."""
     rows = []
     for disease in DISEASES:
         for artifact in ARTIFACTS:
@@ -149,7 +176,8 @@ def table2(per_prompt: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
                         & (per_prompt["classifier"] == clf)
                         & (per_prompt["prompt"] == prompt.slug)
                     ]
-                    row[f"APR_{label}_{clf}"] = 100 * float(sel["APR"].iloc[0])
+                    for metric in SAMPLE_METRICS.values():
+                        row[f"{metric}_{label}_{clf}"] = 100 * float(sel[metric].iloc[0])
             row.update({"paper_n_real": p_real, "paper_APR_SD": p_sd, "paper_APR_SD+RL": p_rl})
             rows.append(row)
     return pd.DataFrame(rows)
@@ -162,20 +190,27 @@ def table3(
     n_boot: int = 2000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Table 3: mean over the 32 prompts of APR (%; reward and judge, 95% CI), FD/FID, LPIPS.
+    """Table 3: mean over the 32 prompts of APR and exact6 (%; reward and judge, 95% CI),
+    FD/FID, LPIPS.
 
-    The FD and LPIPS columns carry their labels ("FD (judge features), ..." when no Inception
-    weights were configured), so a demo number is never mistaken for a published one.
+    APR is the paper's (4 artifacts as prompted), exact6 the 6-attribute exact match. The FD and
+    LPIPS columns carry their labels ("FD (judge features), ..." when no Inception weights were
+    configured, "..., authors' uint8 wrap ..." with ``evaluation.fid.uint8_wrap``), so a demo
+    number is never mistaken for a published one.
     """
     rows = []
     for model, label in MODELS.items():
         row: dict[str, object] = {"model": label}
         df = scores[model]
         for clf in ("reward", "judge"):
-            exact = df.loc[df["classifier"] == clf, "exact"].to_numpy()
-            lo, hi = bootstrap_ci(exact, n_boot, seed)
-            row[f"APR_{clf}"] = 100 * exact.mean()
-            row[f"APR_{clf}_ci"] = f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+            for col, metric in SAMPLE_METRICS.items():
+                hits = df.loc[df["classifier"] == clf, col].to_numpy(dtype=float)
+                if np.isnan(hits).any():  # a classifier without the heads it needs: missing
+                    row[f"{metric}_{clf}"], row[f"{metric}_{clf}_ci"] = np.nan, None
+                    continue
+                lo, hi = bootstrap_ci(hits, n_boot, seed)
+                row[f"{metric}_{clf}"] = 100 * hits.mean()
+                row[f"{metric}_{clf}_ci"] = f"[{100 * lo:.1f}, {100 * hi:.1f}]"
         row["r_A_judge"] = df.loc[df["classifier"] == "judge", "r_A"].mean()
         overall = fd[model][fd[model]["group"] == "all"].iloc[0]
         row[str(overall["metric"])] = float(overall["value"])

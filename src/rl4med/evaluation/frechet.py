@@ -1,9 +1,16 @@
 """FID with torch-fidelity's Inception, or the same Frechet distance on judge features.
 
 Real-image statistics are computed once (rule ``real_features``) and cached in a file that
-every model's FD job reads. Without Inception weights (the embedded demo has none and cannot
-download them) the distance is computed on the judge classifier's penultimate features and
-labelled ``FD (judge features), not comparable to published FID`` wherever it appears.
+every model's FD job reads. The real images are those of the TEST split, resized to the
+model's size without cropping, as the authors compute FID. Without Inception weights (the
+embedded demo has none and cannot download them) the distance is computed on the judge
+classifier's penultimate features and labelled ``FD (judge features), not comparable to
+published FID`` wherever it appears.
+
+``evaluation.fid.uint8_wrap`` reproduces how the authors' code feeds images to the feature
+extractor, ``(x * 256).to(uint8)`` of x in [0, 1]: a pixel of 255 (x = 1) wraps to 0, the others
+stay. It is applied to real and generated images alike and the label says so
+(``UINT8_WRAP_SUFFIX``), so a distance computed with it is never compared with one without.
 
 Images are streamed: features are folded batch by batch into running sums per group (float64),
 whose mean and covariance equal torch-fidelity's ``fid_features_to_statistics`` of all features.
@@ -33,6 +40,7 @@ from rl4med.models.classifier import AttributeClassifier
 
 FID_LABEL = "FID (Inception-v3, torch-fidelity)"
 FD_JUDGE_LABEL = "FD (judge features), not comparable to published FID"
+UINT8_WRAP_SUFFIX = ", authors' uint8 wrap (pixel 255 fed as 0)"
 log = logging.getLogger(__name__)
 
 
@@ -79,10 +87,32 @@ def judge_space(judge: AttributeClassifier) -> FeatureSpace:
     return FeatureSpace(FD_JUDGE_LABEL, lambda images: judge.features(images).astype(np.float64))
 
 
+def authors_uint8(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels v as the authors' code feeds them: (v / 255 * 256).to(uint8), exactly
+    floor(v * 256 / 255) mod 256, so 0..254 stay and 255 becomes 0."""
+    wide = np.asarray(images).astype(np.uint16)
+    return (wide * 256 // 255 % 256).astype(np.uint8)
+
+
+def with_uint8_wrap(space: FeatureSpace) -> FeatureSpace:
+    """``space`` fed as the authors fed it (``authors_uint8``), labelled so."""
+    return FeatureSpace(
+        space.label + UINT8_WRAP_SUFFIX, lambda images: space.extract(authors_uint8(images))
+    )
+
+
 def load_space(
-    inception_weights: str | None, judge: Callable[[], AttributeClassifier], device: torch.device
+    inception_weights: str | None,
+    judge: Callable[[], AttributeClassifier],
+    device: torch.device,
+    uint8_wrap: bool = False,
 ) -> FeatureSpace:
-    return inception_space(inception_weights, device) if inception_weights else judge_space(judge())
+    """Inception (with weights) or the judge's features; with the authors' feed if asked."""
+    if inception_weights:
+        space = inception_space(inception_weights, device)
+    else:
+        space = judge_space(judge())
+    return with_uint8_wrap(space) if uint8_wrap else space
 
 
 def statistics(features: np.ndarray) -> dict[str, np.ndarray]:
@@ -213,16 +243,18 @@ def fd_rows(
 
 
 def real_statistics(
-    train: pd.DataFrame,
+    real: pd.DataFrame,
     space: FeatureSpace,
     image_size: int,
     out: str | os.PathLike[str],
     batch_size: int = 64,
     num_workers: int = 0,
 ) -> dict[str, int]:
-    """Features of the real training images (streamed in batches), statistics per group, cached."""
+    """Features of the real images ``real`` (the workflow passes the test split), resized to
+    ``image_size`` without cropping as the authors do, streamed in batches; statistics per
+    group, cached."""
     acc = GroupStatistics()
-    loader = manifest_loader(train, image_size, batch_size, num_workers)
+    loader = manifest_loader(real, image_size, batch_size, num_workers, crop="none")
     for images, labels in loader_batches(loader):
         # uint8 (B, 3, H, W) -> (B, H, W, 3), the layout of samples; a view, no copy
         acc.update(space.extract(images.permute(0, 2, 3, 1).numpy()), labels.numpy())

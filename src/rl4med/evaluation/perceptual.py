@@ -1,8 +1,12 @@
 """LPIPS of generated samples against real images of the same label combination (paper 3.3).
 
-Per prompt, samples are paired at random (seeded by prompt, not by model, so SD and SD+RL meet
-the same real images) with real training images whose 6 labels equal C(prompt); prompts whose
-combination has no real image are reported with ``n_pairs = 0``. The AlexNet backbone comes from
+Paired as the authors' metric code pairs them: per prompt, the prompt's samples and the real
+TEST images whose 6 labels equal C(prompt) are each shuffled (seeded by the evaluation seed and
+the prompt, not by the model, so SD and SD+RL meet the same real images) and paired in order:
+as many pairs as the smaller side has, optionally capped (``evaluation.lpips.pairs_per_prompt``).
+Real images are resized to the samples' size without cropping. Prompts whose combination has
+no real image are reported with ``n_pairs = 0``; Table 3 averages over all pairs (prompts
+weighted by their pairs, ``rl4med.evaluation.apr.lpips_mean``). The AlexNet backbone comes from
 a local torchvision state dict; without one the backbone is random (lpips ``pnet_rand``) and
 every output says so. Pairs are read in batches (DataLoader workers decode the PNG and the real
 JPEG), so only a batch of each is ever in memory.
@@ -78,7 +82,8 @@ def lpips_distances(
 
 
 class PairImages(Dataset):
-    """(sample, real partner) as uint8 (H, W, 3) each, the real image resized to the sample's."""
+    """(sample, real partner) as uint8 (H, W, 3) each, the real image resized (not cropped) to
+    the sample's size, as the authors' metric code reads it."""
 
     def __init__(self, samples: Sequence[str], reals: Sequence[str], size: int) -> None:
         self.samples, self.reals, self.size = list(samples), list(reals), size
@@ -88,14 +93,19 @@ class PairImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = torch.from_numpy(read_image(self.samples[i]))
-        return sample, torch.from_numpy(load_image(self.reals[i], self.size))
+        return sample, torch.from_numpy(load_image(self.reals[i], self.size, crop="none"))
 
 
 def pair_with_real(
-    prompts: Sequence[str], real: pd.DataFrame, pairs_per_prompt: int, seed: int
+    prompts: Sequence[str], real: pd.DataFrame, pairs_per_prompt: int | None, seed: int
 ) -> list[tuple[int, str]]:
-    """(sample row, real image path) pairs: per prompt up to ``pairs_per_prompt`` samples,
-    each with a random real image of the same label combination."""
+    """(sample row, real image path) pairs, per prompt: its samples (rows of ``prompts``) and
+    the real images of its exact label combination, both shuffled by a generator seeded with
+    (seed, prompt), paired in order; min(samples, real images) pairs, at most
+    ``pairs_per_prompt`` (None: no cap). Two models with as many samples per prompt get the
+    same sample positions and the same real partners."""
+    if pairs_per_prompt is not None and int(pairs_per_prompt) < 1:
+        raise ValueError(f"evaluation.lpips.pairs_per_prompt {pairs_per_prompt}: at least 1")
     prompts = np.asarray(prompts)
     labels = real[list(ATTRIBUTES)].to_numpy()
     pairs = []
@@ -106,9 +116,10 @@ def pair_with_real(
         if len(candidates) == 0:
             continue
         rng = np.random.default_rng([seed, all_slugs().index(slug)])
-        chosen = rows[: min(pairs_per_prompt, len(rows))]
-        picks = rng.integers(0, len(candidates), len(chosen))
-        pairs += [(int(r), str(candidates[p])) for r, p in zip(chosen, picks, strict=True)]
+        samples, reals = rows[rng.permutation(len(rows))], rng.permutation(candidates)
+        n = min(len(rows), len(candidates))
+        n = n if pairs_per_prompt is None else min(n, int(pairs_per_prompt))
+        pairs += [(int(r), str(c)) for r, c in zip(samples[:n], reals[:n], strict=True)]
     return pairs
 
 
@@ -117,15 +128,16 @@ def lpips_table(
     label: str,
     index: pd.DataFrame,
     real: pd.DataFrame,
-    pairs_per_prompt: int,
+    pairs_per_prompt: int | None,
     seed: int,
     batch_size: int = 64,
     num_workers: int = 0,
 ) -> pd.DataFrame:
     """Per prompt: number of real candidates and pairs, mean LPIPS (NaN without real images).
 
-    ``index``: the model's samples (``sample_index``: prompt and path per row); only the paired
-    samples and their partners are read, a batch at a time.
+    ``index``: the model's samples (``sample_index``: prompt and path per row); ``real``: the
+    real images to pair with (the workflow passes the test split); pairs as
+    ``pair_with_real``. Only the paired samples and their partners are read, a batch at a time.
     """
     prompts = index["prompt"].to_numpy()
     pairs = pair_with_real(prompts.tolist(), real, pairs_per_prompt, seed)

@@ -139,6 +139,19 @@ def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["key", "value"])
 
 
+APR_NOTE = (
+    "APR (paper eq. 3, as the authors compute it): share of samples whose 4 artifact "
+    "predictions (hair, gel bubbles, ink, ruler) all equal the prompt's; the disease is not "
+    "part of it. exact6: all 6 attributes, disease included, as prompted (APR >= exact6)."
+)
+FID_NOTE = (
+    "Real images for FD/FID and LPIPS: the test split, resized to the model's size without "
+    "cropping (as the authors). The FD/FID column's name says how images were fed: "
+    "\"authors' uint8 wrap\" = as the authors' code, a pixel of 255 fed as 0 "
+    "(evaluation.fid.uint8_wrap: true); otherwise the stored pixels unchanged."
+)
+
+
 def _table(df: pd.DataFrame, title: str, note: str = "") -> str:
     body = df.to_html(
         index=False, float_format=lambda v: f"{v:.3f}", na_rep="-", border=0, classes="tbl"
@@ -163,19 +176,21 @@ def summary_html(tables: Mapping[str, pd.DataFrame], path: str | os.PathLike[str
         _table(
             tables["table2"],
             "Table 2: APR (%) of single-artifact prompts",
-            "n_real_train_exact: training images with exactly the prompt's labels; "
-            "paper_*: published values.",
+            f"{APR_NOTE} n_real_train_exact: training images with exactly the prompt's "
+            "labels; paper_*: published values.",
         ),
         _table(
             tables["table3"],
             "Table 3: mean over the 32 prompts",
-            "APR (%) with 95% bootstrap intervals over samples; paper_*: published values.",
+            f"{APR_NOTE} Both in % with 95% bootstrap intervals over samples. {FID_NOTE} "
+            "paper_*: published values.",
         ),
         _table(
             tables["apr_change"],
             "SD -> SD+RL on the same noise (paired)",
             "change with 95% paired-bootstrap interval; reward = the classifier DDPO "
-            "optimised, judge = independent classifier never used as a reward.",
+            "optimised, judge = independent classifier never used as a reward (it plays the "
+            f"authors' evaluation classifier). {APR_NOTE}",
         ),
         _table(
             tables["table4"],

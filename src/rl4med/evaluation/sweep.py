@@ -1,5 +1,8 @@
 """The sweep table: each DDPO setting's APR gain (reward and judge, paired on the same noise)
-and FD/LPIPS change against the stage-i model on the sweep's prompts; the best setting marked."""
+and FD/LPIPS change against the stage-i model on the sweep's prompts; the best setting marked.
+
+APR is the paper's (the 4 artifacts as prompted, ``rl4med.evaluation.apr``); the 6-attribute
+exact match (exact6) stands beside it."""
 
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ def sweep_table(
     for name, (overrides, frames) in settings.items():
         change = paired_change(baseline["scores"], frames["scores"], n_boot, seed)
         apr = change[change["metric"] == "APR"].set_index("classifier")
+        exact6 = change[change["metric"] == "exact6"].set_index("classifier")
         fd = float(frames["fd"].set_index("group").loc["all", "value"])
         it = frames["iterations"]
         row = {"setting": name, **overrides}
@@ -42,6 +46,9 @@ def sweep_table(
             row[f"APR_{clf}_ci"] = (
                 f"[{apr.loc[clf, 'ci_low']:+.3f}, {apr.loc[clf, 'ci_high']:+.3f}]"
             )
+            row[f"exact6_{clf}_SD"] = exact6.loc[clf, "SD"]
+            row[f"exact6_{clf}"] = exact6.loc[clf, "SD+RL"]
+            row[f"exact6_{clf}_gain"] = exact6.loc[clf, "change"]
         row["reward_minus_judge_gain"] = row["APR_reward_gain"] - row["APR_judge_gain"]
         row["fd_metric"] = str(frames["fd"]["metric"].iloc[0])
         row["FD_SD"], row["FD"] = fd0, fd

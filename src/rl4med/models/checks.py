@@ -14,6 +14,8 @@ from tqdm import tqdm
 from rl4med.attributes import ARTIFACTS, ATTRIBUTES, DISEASES
 from rl4med.data.images import loader_batches, manifest_loader, to_float
 from rl4med.data.manifest import read_manifest
+from rl4med.ddpo.reward import prediction_matches
+from rl4med.evaluation.apr import apr_indicators
 from rl4med.models.classifier import AttributeClassifier, exact_match
 from rl4med.models.sd import StableDiffusion
 from rl4med.prompts import Prompt
@@ -92,7 +94,8 @@ def prompt_adherence(
     batch_size: int = 64,
     grid_per_prompt: int = 8,
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """Per prompt and classifier: prompted artifacts drawn, unprompted artifacts, disease right.
+    """Per prompt and classifier: APR (the paper's: the 4 artifacts as prompted), exact6 (all 6
+    attributes), prompted artifacts drawn, unprompted artifacts, disease right.
 
     ``unprompted_rate`` (any artifact that the prompt does not ask for) is the bias DDPO must
     remove; ``prompted_rate`` (all asked-for artifacts present) is what DDPO can reinforce.
@@ -136,13 +139,19 @@ def _adherence_rows(
         got = pred[sel]
         asked = [k for k in art if want[k]]
         not_asked = [k for k in art if not want[k]]
+        match = prediction_matches(got, np.broadcast_to(want, got.shape))
+        hits = apr_indicators(match)
         rows.append(
             {
                 "classifier": cname,
                 "prompt": p.slug,
                 "n": int(sel.sum()),
-                "apr": exact_match(got, np.tile(want, (len(got), 1))),
-                "disease_correct": float((got[:, :2] == want[:2]).all(1).mean()),
+                "apr": float(hits["apr"].mean()),
+                "exact6": float(hits["exact6"].mean()),
+                # NaN for a classifier without disease heads (the authors' H4)
+                "disease_correct": float((match[:, :2] == 1).all(1).mean())
+                if not np.isnan(match[:, :2]).any()
+                else float("nan"),
                 "prompted_rate": float(got[:, asked].all(1).mean()) if asked else float("nan"),
                 "unprompted_rate": float(got[:, not_asked].any(1).mean()),
                 **{f"has_{ATTRIBUTES[k]}": float(got[:, k].mean()) for k in art},

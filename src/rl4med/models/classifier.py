@@ -1,11 +1,20 @@
 """The 6-head attribute classifier f (paper 2.2): reward model for DDPO and, with another
 architecture and seed, the independent judge used only in evaluation.
 
-A timm backbone with 6 sigmoid outputs in ``ATTRIBUTES`` order, BCE with per-head positive
+A timm backbone (or the authors' torchvision EfficientNet-B0, ``torchvision/efficientnet_b0``)
+with 6 sigmoid outputs in ``ATTRIBUTES`` order, BCE with per-head positive
 weights (ink is rare), augmentations that keep artifacts visible (flips, 90-degree turns, colour
 jitter) and make it robust to generated samples (Gaussian noise, blur), early stopping on
-validation mean F1 and one decision threshold per head tuned on validation. Saved as
-``model.safetensors`` + ``classifier.json``; ``load_classifier`` is the one loader.
+validation mean F1 and one decision threshold per head tuned on validation. The authors'
+recipe is a choice of keys: ``lr_schedule: cosine`` (CosineAnnealingLR over the epochs),
+``select_by: val_loss`` (the epoch of lowest validation loss kept) and ``tune_thresholds:
+false`` (every head at 0.5). Saved as ``model.safetensors`` + ``classifier.json``;
+``load_classifier`` is the one loader.
+
+A classifier may also have only some of the heads, in ``ATTRIBUTES`` order (``spec.attributes``;
+the authors' 4-head APR classifier H4, imported by ``rl4med.models.published``): its predictions
+still have 6 columns, NaN for the heads it lacks, so APR works and a metric that needs a missing
+head is NaN, never a silent 0.
 
 Training and every prediction stream images: uint8 batches from DataLoader workers become float
 on the model's device one batch at a time, so no step holds a data set in memory (70 K images at
@@ -68,18 +77,45 @@ class ClassifierSpec:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     seed: int = 0
     val_mean_f1: float | None = None
+    # where imported weights came from (file name and SHA-256); None for ours
+    source: str | None = None
+
+    @property
+    def absent(self) -> list[str]:
+        """The attributes this classifier has no head for."""
+        return [a for a in ATTRIBUTES if a not in self.attributes]
+
+
+def check_attributes(attributes: Sequence[str]) -> list[str]:
+    """Heads must be ``ATTRIBUTES`` or a part of it, in that order; returns them as a list."""
+    heads = list(attributes)
+    if not heads or heads != [a for a in ATTRIBUTES if a in heads] or len(set(heads)) < len(heads):
+        raise ClassifierError(
+            f"attribute order {heads} differs from this project's {list(ATTRIBUTES)} (or a part "
+            "of it in this order); retrain or re-import the classifier"
+        )
+    return heads
 
 
 class AttributeClassifier(torch.nn.Module):
-    """Backbone + 6 logits; ``forward`` takes images in [-1, 1] at any size."""
+    """Backbone + one logit per head; ``forward`` takes images in [-1, 1] at any size."""
 
     def __init__(self, spec: ClassifierSpec, backbone: torch.nn.Module) -> None:
         super().__init__()
         self.spec = spec
         self.backbone = backbone
+        heads = check_attributes(spec.attributes)
+        if len(spec.thresholds) != len(heads):
+            raise ClassifierError(
+                f"{len(spec.thresholds)} thresholds for {len(heads)} heads ({', '.join(heads)})"
+            )
+        # where each head's column sits among the 6; absent heads' thresholds are NaN
+        self.columns = [ATTRIBUTES.index(a) for a in heads]
+        full = torch.full((len(ATTRIBUTES),), float("nan"))
+        full[self.columns] = torch.tensor(spec.thresholds, dtype=torch.float32)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("thresholds", torch.tensor(spec.thresholds), persistent=False)
+        self.register_buffer("thresholds", full, persistent=False)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = (images + 1) / 2
@@ -115,25 +151,87 @@ class AttributeClassifier(torch.nn.Module):
 
     @torch.inference_mode()
     def predict_proba(self, images: Images, batch_size: int = 256) -> np.ndarray:
-        """Sigmoid outputs (N, 6); images as uint8 (N, H, W, 3) arrays, uint8 (N, 3, H, W)
-        tensors or float tensors in [-1, 1]."""
+        """Sigmoid outputs (N, 6) in ``ATTRIBUTES`` order, NaN in the columns of absent heads;
+        images as uint8 (N, H, W, 3) arrays, uint8 (N, 3, H, W) tensors or float tensors in
+        [-1, 1]."""
         self.eval()
         out = [
             torch.sigmoid(self(x)).float().cpu() for x in self._device_batches(images, batch_size)
         ]
-        return torch.cat(out).numpy() if out else np.zeros((0, len(ATTRIBUTES)))
+        heads = torch.cat(out).numpy() if out else np.zeros((0, len(self.columns)), np.float32)
+        if len(self.columns) == len(ATTRIBUTES):
+            return heads
+        full = np.full((len(heads), len(ATTRIBUTES)), np.nan, dtype=heads.dtype)
+        full[:, self.columns] = heads
+        return full
 
     def predict(self, images: Images) -> np.ndarray:
-        """Thresholded 0/1 predictions (N, 6) with the per-head thresholds tuned on validation."""
-        return (self.predict_proba(images) >= self.thresholds.cpu().numpy()).astype(int)
+        """Thresholded 0/1 predictions (N, 6) with the per-head thresholds tuned on validation:
+        int, or float with NaN in the columns of absent heads."""
+        probs = self.predict_proba(images)
+        pred = (probs >= self.thresholds.cpu().numpy()).astype(int)
+        if not self.spec.absent:
+            return pred
+        pred = pred.astype(float)
+        pred[np.isnan(probs)] = np.nan
+        return pred
 
 
-def create_backbone(architecture: str, pretrained_file: str | None = None) -> torch.nn.Module:
-    """timm model with 6 outputs; ImageNet weights only from a local file, never a hub."""
-    kw: dict[str, Any] = {"num_classes": len(ATTRIBUTES)}
+class TorchvisionEfficientNet(torch.nn.Module):
+    """The authors' classifier network: torchvision's ``efficientnet_b0`` with the head
+    Dropout(0.3) + Linear(1280, H), its state dict keys torchvision's (``features.*``,
+    ``classifier.1.*``), behind the small part of timm's interface ``AttributeClassifier``
+    uses (``forward_features``, ``forward_head(x, pre_logits)``, ``num_features``)."""
+
+    num_features = 1280
+
+    def __init__(self, num_classes: int, pretrained_file: str | None = None) -> None:
+        super().__init__()
+        from torchvision.models import efficientnet_b0
+
+        net = efficientnet_b0(weights=None)
+        if pretrained_file:  # torchvision's ImageNet weights (1000-class head), a local file
+            from rl4med.checkpoint import read_state_dict
+
+            try:
+                net.load_state_dict(read_state_dict(pretrained_file))
+            except (RuntimeError, ValueError) as err:
+                first = str(err).splitlines()[0]
+                raise ClassifierError(
+                    f"{pretrained_file}: not torchvision's efficientnet_b0 ImageNet weights "
+                    f"({first})"
+                ) from None
+        self.features, self.avgpool = net.features, net.avgpool
+        self.classifier = torch.nn.Sequential(
+            torch.nn.Dropout(p=0.3), torch.nn.Linear(self.num_features, num_classes)
+        )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+TORCHVISION_BACKBONES = {"torchvision/efficientnet_b0": TorchvisionEfficientNet}
+"""Architectures that are not timm's, by their config name."""
+
+
+def create_backbone(
+    architecture: str, pretrained_file: str | None = None, num_classes: int = len(ATTRIBUTES)
+) -> torch.nn.Module:
+    """timm model (or one of ``TORCHVISION_BACKBONES``) with ``num_classes`` outputs; ImageNet
+    weights only from a local file, never a hub."""
+    if pretrained_file and not Path(pretrained_file).is_file():
+        raise ClassifierError(f"{pretrained_file}: pretrained weights file not found")
+    if architecture in TORCHVISION_BACKBONES:
+        return TORCHVISION_BACKBONES[architecture](num_classes, pretrained_file)
+    kw: dict[str, Any] = {"num_classes": num_classes}
     if pretrained_file:
-        if not Path(pretrained_file).is_file():
-            raise ClassifierError(f"{pretrained_file}: pretrained weights file not found")
         kw.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained_file)})
     try:
         return timm.create_model(architecture, **kw)
@@ -162,18 +260,17 @@ def load_classifier(
         spec = ClassifierSpec(**json.loads((root / "classifier.json").read_text()))
     except (TypeError, json.JSONDecodeError) as err:
         raise ClassifierError(f"{root / 'classifier.json'}: unreadable ({err})") from None
-    if list(spec.attributes) != list(ATTRIBUTES):
-        raise ClassifierError(
-            f"{root / 'classifier.json'}: attribute order {spec.attributes} differs from this "
-            f"project's {list(ATTRIBUTES)}; retrain the classifier"
-        )
+    try:
+        heads = check_attributes(spec.attributes)
+    except ClassifierError as err:
+        raise ClassifierError(f"{root / 'classifier.json'}: {err}") from None
     try:
         weights = load_file(root / "model.safetensors")
     except Exception as err:  # noqa: BLE001 - safetensors raises several types
         raise ClassifierError(
             f"{root / 'model.safetensors'}: not a readable safetensors file ({err})"
         ) from None
-    backbone = create_backbone(spec.architecture)
+    backbone = create_backbone(spec.architecture, num_classes=len(heads))
     try:
         backbone.load_state_dict(weights)
     except RuntimeError as err:
@@ -182,7 +279,11 @@ def load_classifier(
             f"{root / 'model.safetensors'}: weights do not fit architecture "
             f"{spec.architecture!r} ({first})"
         ) from None
-    return AttributeClassifier(spec, backbone).to(device).eval()
+    try:
+        model = AttributeClassifier(spec, backbone)
+    except ClassifierError as err:
+        raise ClassifierError(f"{root / 'classifier.json'}: {err}") from None
+    return model.to(device).eval()
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -267,6 +368,10 @@ def stream_probs(
 # ------------------------------------------------------------------------------ training
 
 MIXED_PRECISION = ("no", "bf16")
+LR_SCHEDULES = ("onecycle", "cosine")
+SELECT_BY = ("val_f1", "val_loss")
+COSINE_MIN_LR = 1e-6
+"""The authors' CosineAnnealingLR(T_max=epochs, eta_min=1e-6), stepped once per epoch."""
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, noise_max: float, blur_p: float) -> torch.Tensor:
@@ -318,8 +423,10 @@ class _Training:
     lr_sched: torch.optim.lr_scheduler.LRScheduler
     pos_weight: torch.Tensor
     autocast: bool
+    per_batch_schedule: bool = True
     epoch: int = 0
-    best_f1: float = -1.0
+    # the selection score of the kept epoch, larger is better: val mean F1, or -val loss
+    best_score: float = -float("inf")
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs: int = 0
     stopped: bool = False
@@ -349,15 +456,27 @@ def _setup(cfg: Mapping[str, Any], train_df: pd.DataFrame, device: torch.device)
         lr=float(cfg["learning_rate"]),
         weight_decay=float(cfg.get("weight_decay", 1e-4)),
     )
-    steps = int(cfg["epochs"]) * max(1, len(train_df) // int(cfg["batch_size"]))
-    lr_sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, float(cfg["learning_rate"]), total_steps=steps, pct_start=0.15
-    )
+    schedule = str(cfg.get("lr_schedule", "onecycle"))
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"classifier lr_schedule {schedule!r}: use one of {LR_SCHEDULES}")
+    select_by = str(cfg.get("select_by", "val_f1"))
+    if select_by not in SELECT_BY:
+        raise ValueError(f"classifier select_by {select_by!r}: use one of {SELECT_BY}")
+    lr_sched: torch.optim.lr_scheduler.LRScheduler
+    if schedule == "cosine":  # the authors': stepped after each epoch
+        lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=int(cfg["epochs"]), eta_min=COSINE_MIN_LR
+        )
+    else:
+        steps = int(cfg["epochs"]) * max(1, len(train_df) // int(cfg["batch_size"]))
+        lr_sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, float(cfg["learning_rate"]), total_steps=steps, pct_start=0.15
+        )
     precision = str(cfg.get("mixed_precision", "bf16"))
     if precision not in MIXED_PRECISION:
         raise ValueError(f"classifier mixed_precision {precision!r}: use one of {MIXED_PRECISION}")
     autocast = precision == "bf16" and device.type == "cuda"
-    return _Training(model, opt, lr_sched, pos_weight.to(device), autocast)
+    return _Training(model, opt, lr_sched, pos_weight.to(device), autocast, schedule == "onecycle")
 
 
 def _resume(run: _Training, checkpoint_dir: str | Path | None, run_id: str) -> None:
@@ -369,7 +488,7 @@ def _resume(run: _Training, checkpoint_dir: str | Path | None, run_id: str) -> N
     run.opt.load_state_dict(ckpt.extra["optimizer"])
     run.lr_sched.load_state_dict(ckpt.extra["lr_scheduler"])
     run.best_state = ckpt.extra["best_state"]
-    run.epoch, run.best_f1 = ckpt.step, float(ckpt.state["best_f1"])
+    run.epoch, run.best_score = ckpt.step, float(ckpt.state["best_score"])
     run.bad_epochs, run.stopped = int(ckpt.state["bad_epochs"]), bool(ckpt.state["stopped"])
     log.info("resuming classifier training from %s/step_%08d", checkpoint_dir, ckpt.step)
 
@@ -401,30 +520,62 @@ def _train_epoch(
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
         run.opt.step()
-        run.lr_sched.step()
+        if run.per_batch_schedule:
+            run.lr_sched.step()
         losses.append(loss.item())
+    if not run.per_batch_schedule:
+        run.lr_sched.step()
     return float(np.mean(losses)) if losses else float("nan")
 
 
+@torch.inference_mode()
+def _val_outputs(
+    run: _Training, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Sigmoid outputs, labels and the mean training loss (same BCE and positive weights)
+    over every value of the validation images, read batch by batch."""
+    model, dev = run.model, run.model.mean.device
+    model.eval()
+    probs, labels, loss_sum, count = [], [], 0.0, 0
+    for images, y in batches:
+        logits = model(to_float(images, dev)).float()
+        target = y.to(dev)
+        loss = F.binary_cross_entropy_with_logits(
+            logits, target, pos_weight=run.pos_weight, reduction="sum"
+        )
+        loss_sum, count = loss_sum + float(loss), count + target.numel()
+        probs.append(torch.sigmoid(logits).cpu().numpy())
+        labels.append(y.numpy())
+    width = len(ATTRIBUTES)
+    return (
+        np.concatenate(probs) if probs else np.zeros((0, width)),
+        np.concatenate(labels) if labels else np.zeros((0, width)),
+        loss_sum / max(count, 1),
+    )
+
+
 def _validate(run: _Training, val_df: pd.DataFrame, cfg: Mapping[str, Any], workers: int) -> None:
-    """Validation mean F1 at 0.5; keep the best weights, count epochs without improvement."""
+    """Validation mean F1 at 0.5 and loss; keep the best weights by ``select_by`` (F1, or the
+    authors' lowest loss), count epochs without improvement."""
     loader = manifest_loader(
         val_df, int(cfg["image_size"]), int(cfg["batch_size"]), workers, run.model.mean.device
     )
-    (probs,), y = stream_probs(run.model, loader_batches(loader))
+    probs, y, loss = _val_outputs(run, loader_batches(loader))
     f1 = float(binary_metrics(y, probs >= 0.5)["f1"].mean())
-    log.info("epoch %d: val mean F1 %.4f", run.epoch + 1, f1)
-    if f1 > run.best_f1 + 1e-4:
-        run.best_f1, run.bad_epochs = f1, 0
+    by_loss = str(cfg.get("select_by", "val_f1")) == "val_loss"
+    log.info("epoch %d: val mean F1 %.4f, val loss %.4f", run.epoch + 1, f1, loss)
+    # F1 must improve by 1e-4; a loss by anything (the authors' "val_loss < best")
+    score, margin = (-loss, 0.0) if by_loss else (f1, 1e-4)
+    if score > run.best_score + margin:
+        run.best_score, run.bad_epochs = score, 0
         run.best_state = {
             k: v.detach().cpu().clone() for k, v in run.model.backbone.state_dict().items()
         }
     else:
         run.bad_epochs += 1
         if run.bad_epochs >= int(cfg.get("patience", 3)):
-            log.info(
-                "early stop after epoch %d (best val mean F1 %.4f)", run.epoch + 1, run.best_f1
-            )
+            best = f"val loss {-run.best_score:.4f}" if by_loss else f"val F1 {run.best_score:.4f}"
+            log.info("early stop after epoch %d (best %s)", run.epoch + 1, best)
             run.stopped = True
 
 
@@ -442,7 +593,7 @@ def _save_epoch(run: _Training, checkpoint_dir: str | Path | None, run_id: str) 
         },
         {
             "fingerprint": run_id,
-            "best_f1": run.best_f1,
+            "best_score": run.best_score,
             "bad_epochs": run.bad_epochs,
             "stopped": run.stopped,
         },
@@ -463,7 +614,8 @@ def train_classifier(
     """Train on the training split, tune thresholds on validation, report on test.
 
     ``cfg``: architecture, pretrained_file, image_size, seed, epochs, patience, batch_size,
-    learning_rate, weight_decay, max_pos_weight, noise_max, blur_p, mixed_precision. Model and
+    learning_rate, weight_decay, max_pos_weight, noise_max, blur_p, mixed_precision,
+    lr_schedule (onecycle | cosine), select_by (val_f1 | val_loss), tune_thresholds. Model and
     batches live on ``device``; ``num_workers`` DataLoader processes decode the images; with
     ``checkpoint_dir`` every epoch is checkpointed and a re-run resumes from the last one (the
     batches and augmentations of an epoch depend only on (seed, epoch, batch)).
@@ -515,7 +667,10 @@ def _finish(
         model, loader_batches(manifest_loader(val_df, size, bs, workers, dev))
     )
     spec = model.spec
-    spec.thresholds = tune_thresholds(y_val, probs)
+    if cfg.get("tune_thresholds", True):
+        spec.thresholds = tune_thresholds(y_val, probs)
+    else:  # the authors': sigmoid > 0.5 for every head
+        spec.thresholds = [0.5] * len(ATTRIBUTES)
     model.thresholds = torch.tensor(spec.thresholds, device=dev)
     spec.val_mean_f1 = float(binary_metrics(y_val, probs >= spec.thresholds)["f1"].mean())
     save_classifier(model, out_dir)

@@ -40,19 +40,20 @@ from rl4med.data.manifest import read_manifest
 from rl4med.io import write_table
 from rl4med.models.sd import StableDiffusion
 from rl4med.models.trainable import merge_adapters, select_trainable, trainable
-from rl4med.prompts import all_prompts, prompt_from_labels
+from rl4med.prompts import all_prompts, check_template, prompt_from_labels
 from rl4med.tracking import make_accelerator, start_tracking
 
 log = logging.getLogger(__name__)
 
 
 class PromptBank:
-    """Frozen text embeddings of the 32 prompts and of the empty prompt (for guidance)."""
+    """Frozen text embeddings of the 32 prompts, worded in the model's template
+    (``sd.prompt_texts``), and of the empty prompt (for guidance)."""
 
     def __init__(self, sd: StableDiffusion) -> None:
         self.prompts = all_prompts()
         self.index = {p.labels: i for i, p in enumerate(self.prompts)}
-        self.embeddings = sd.encode_prompts([p.text for p in self.prompts] + [""])
+        self.embeddings = sd.encode_prompts(sd.prompt_texts(self.prompts) + [""])
 
     @property
     def null_index(self) -> int:
@@ -153,6 +154,7 @@ def finetune(
     device: torch.device | None = None,
     tracking: Mapping[str, Any] | None = None,
     workers: int = 0,
+    prompt_template: str = "paper",
 ) -> pd.DataFrame:
     """Train ``sd.unet`` on the training split and save the whole model to ``out_dir``.
 
@@ -162,8 +164,11 @@ def finetune(
     gradient_checkpointing, mixed_precision. ``device``: CPU when None; under ``accelerate
     launch`` each process takes its own GPU. ``tracking``: ``{"log_with":
     none|tensorboard|wandb, "dir": folder of this run's event files}`` or None. ``workers``:
-    DataLoader worker processes decoding the images.
+    DataLoader worker processes decoding the images. ``prompt_template`` (config
+    ``prompts.template``): the wording of the training prompts; the saved model records it, so
+    DDPO and sampling later word their prompts the same way.
     """
+    sd.prompt_template = check_template(prompt_template)
     log_with = str(tracking.get("log_with", "none")) if tracking else "none"
     folder = Path(tracking["dir"]) if tracking and log_with != "none" else None
     # the tracker writes into <logging dir>/<run name>: the run's folder itself
@@ -249,6 +254,7 @@ def _setup(
     # the base model and the data
     run_id = fingerprint(
         {k: v for k, v in cfg.items() if k not in ("max_steps", "checkpoint_every", "log_every")},
+        sd.prompt_template,
         unet.config,
         weights_signature(unet),
         file_digest(manifest_path),

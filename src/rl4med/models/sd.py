@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTraine
 from rl4med.io import atomic_dir
 from rl4med.models.autoencoder import PatchAutoencoder
 from rl4med.models.tokenizer import train_prompt_tokenizer
+from rl4med.prompts import Prompt, check_template, to_prompt
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +38,31 @@ _CONFIG_FILES = {
 _VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "PatchAutoencoder": PatchAutoencoder}
 
 
+TEMPLATE_KEY = "_prompt_template"
+DEFAULT_TEMPLATE = "paper"
+"""Template of a model folder that does not record one (SD v1.5 itself, older folders)."""
+
+
 class ModelFolderError(ValueError):
     """A model folder is missing or incomplete; the message names what is missing."""
 
 
 @dataclass
 class StableDiffusion:
-    """The parts of a latent text-to-image diffusion model; only the UNet is ever trained."""
+    """The parts of a latent text-to-image diffusion model; only the UNet is ever trained.
+
+    ``prompt_template`` (``paper`` or ``authors``, see ``rl4med.prompts``) is the wording the
+    UNet was fine-tuned on: a property of the trained model, saved in its folder's
+    ``model_index.json`` (``_prompt_template``) and used by every prompt it is given
+    (``prompt_texts``).
+    """
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL | PatchAutoencoder
     text_encoder: CLIPTextModel
     tokenizer: PreTrainedTokenizerBase
     scheduler: DDPMScheduler
+    prompt_template: str = DEFAULT_TEMPLATE
 
     @property
     def device(self) -> torch.device:
@@ -74,6 +87,12 @@ class StableDiffusion:
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
         return self
+
+    def prompt_texts(self, prompts: Sequence[str | Prompt]) -> list[str]:
+        """The texts this model's text encoder is given for ``prompts`` (Prompt objects, slugs
+        or texts of either template): the one place a prompt becomes words."""
+        template = check_template(self.prompt_template)
+        return [to_prompt(p).render(template) for p in prompts]
 
     @torch.no_grad()
     def encode_prompts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -125,17 +144,21 @@ class StableDiffusion:
         """
         classes = {name: type(getattr(self, name)) for name in COMPONENTS}
         components = {n: [c.__module__.split(".")[0], c.__name__] for n, c in classes.items()}
+        # diffusers ignores keys that start with "_" when it builds a pipeline from the index
+        template = {TEMPLATE_KEY: check_template(self.prompt_template)}
         if isinstance(self.vae, PatchAutoencoder):
             components["vae"] = [PatchAutoencoder.__module__, PatchAutoencoder.__name__]
             return {
                 "_class_name": f"{__name__}.{type(self).__name__}",
                 "_diffusers_version": diffusers.__version__,
                 "_loader": f"{__name__}.load_sd",
+                **template,
                 **components,
             }
         return {
             "_class_name": "StableDiffusionPipeline",
             "_diffusers_version": diffusers.__version__,
+            **template,
             **components,
             "safety_checker": [None, None],
             "feature_extractor": [None, None],
@@ -203,11 +226,29 @@ def load_sd(
         text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw),
         tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
         scheduler=DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True),
+        prompt_template=saved_template(root),
     )
     sd.freeze_frozen_parts()
     if image_size is not None:
         set_image_size(sd, int(image_size))
     return sd.to(device)
+
+
+def saved_template(root: Path) -> str:
+    """The prompt template a model folder was trained with (``model_index.json``'s
+    ``_prompt_template``); ``paper`` when the folder does not say (SD v1.5 as downloaded,
+    models saved before the key existed)."""
+    index = root / "model_index.json"
+    if not index.is_file():
+        return DEFAULT_TEMPLATE
+    try:
+        value = json.loads(index.read_text()).get(TEMPLATE_KEY, DEFAULT_TEMPLATE)
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ModelFolderError(f"{index}: unreadable model index ({err})") from None
+    try:
+        return check_template(str(value))
+    except ValueError as err:
+        raise ModelFolderError(f"{index}: {TEMPLATE_KEY} {value!r}: {err}") from None
 
 
 def set_image_size(sd: StableDiffusion, image_size: int) -> None:
@@ -299,6 +340,81 @@ def build_tiny_sd(
         image_size // down,
     )
     return sd
+
+
+SCRATCH = "scratch"
+"""``sd.tiny.init`` value that builds the tiny model with random weights from ``sd.tiny``."""
+
+
+class TinyInitError(ValueError):
+    """``sd.tiny`` contradicts the pretrained tiny model of ``sd.tiny.init``."""
+
+
+def load_tiny_init(folder: str | os.PathLike[str], cfg: Mapping[str, Any]) -> StableDiffusion:
+    """The pretrained tiny SD of ``sd.tiny.init`` in float32 (stage i trains it), checked
+    against ``cfg`` (``config["sd"]["tiny"]``).
+
+    The folder's architecture wins: ``sd.tiny`` may leave it out or repeat it, but a key that
+    contradicts it stops with a ``TinyInitError`` naming each such key, its value and the
+    folder's (a silently ignored setting would make the config lie about the model trained).
+    """
+    sd = load_sd(folder, dtype=torch.float32)
+    conflicts = tiny_init_conflicts(sd, cfg)
+    if conflicts:
+        raise TinyInitError(
+            f"sd.tiny.init {folder}: sd.tiny contradicts the pretrained model, whose "
+            "architecture wins: "
+            + "; ".join(conflicts)
+            + ". Remove these keys from sd.tiny or make them match, or set sd.tiny.init: "
+            "scratch to build a model from sd.tiny"
+        )
+    log.info(
+        "tiny SD from %s: UNet %.2fM parameters, %d px",
+        folder,
+        sum(p.numel() for p in sd.unet.parameters()) / 1e6,
+        sd.image_size,
+    )
+    return sd
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Config values equal up to list/tuple and int/float spelling."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def tiny_init_conflicts(sd: StableDiffusion, cfg: Mapping[str, Any]) -> list[str]:
+    """Each ``sd.tiny`` key whose value differs from the loaded model's, as
+    ``"sd.tiny.<key> is <config value> but the model has <model value>"``."""
+    patch = isinstance(sd.vae, PatchAutoencoder)
+    model: dict[str, Any] = {
+        "image_size": sd.image_size,
+        "autoencoder": "patch" if patch else "kl",
+        "prediction_type": sd.scheduler.config.prediction_type,
+        "beta_schedule": sd.scheduler.config.beta_schedule,
+        "num_train_timesteps": sd.scheduler.config.num_train_timesteps,
+        "max_prompt_tokens": sd.tokenizer.model_max_length,
+    }
+    if patch:
+        model["patch_size"] = int(sd.vae.config.patch_size)
+    parts: dict[str, Any] = {"unet": sd.unet.config, "text_encoder": sd.text_encoder.config}
+    if not patch:
+        parts["kl"] = sd.vae.config
+    out = []
+    for key, value in cfg.items():
+        if key in model and not _same(value, model[key]):
+            out.append(f"sd.tiny.{key} is {value!r} but the model has {model[key]!r}")
+        elif key in parts and isinstance(value, Mapping):
+            have = parts[key]
+            for sub, v in value.items():
+                got = have.get(sub) if isinstance(have, Mapping) else getattr(have, sub, None)
+                got = list(got) if isinstance(got, tuple) else got  # as YAML writes it
+                if not _same(v, got):
+                    out.append(f"sd.tiny.{key}.{sub} is {v!r} but the model has {got!r}")
+    return out
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
