@@ -392,9 +392,9 @@ def test_classifier_learns_the_synthetic_attributes(classifier_dir):
     assert noise["noise_sigma"].tolist() == [0.0, 0.05, 0.1, 0.2]
 
 
-def test_classifier_training_resumes_after_a_kill_and_ends_identical(
-    classifier_dir, data, tmp_path, monkeypatch, caplog
-):
+def _dies_in_epoch_2(data):
+    """(augment, an augment that raises KeyboardInterrupt in epoch 2, after epoch 1's
+    checkpoint): a classifier job killed mid-training."""
     from rl4med.data.manifest import read_manifest
 
     per_epoch = len(read_manifest(data, "train")) // CLASSIFIER["batch_size"]
@@ -402,10 +402,17 @@ def test_classifier_training_resumes_after_a_kill_and_ends_identical(
 
     def dying_augment(*args, **kw):
         calls["n"] += 1
-        if calls["n"] == per_epoch + 3:  # killed during epoch 2, after epoch 1's checkpoint
+        if calls["n"] == per_epoch + 3:
             raise KeyboardInterrupt("killed")
         return real_augment(*args, **kw)
 
+    return real_augment, dying_augment
+
+
+def test_classifier_training_resumes_after_a_kill_and_ends_identical(
+    classifier_dir, data, tmp_path, monkeypatch, caplog
+):
+    real_augment, dying_augment = _dies_in_epoch_2(data)
     run = tmp_path / "run"
     outputs = (run / "model", run / "test.tsv", run / "noise.tsv")
     monkeypatch.setattr(classifier_mod, "augment", dying_augment)
@@ -451,8 +458,6 @@ def test_the_authors_classifier_recipe_resumes_after_a_kill_and_ends_identical(
     """cosine schedule stepped per epoch, lowest validation loss kept, every head at 0.5."""
     import math
 
-    from rl4med.data.manifest import read_manifest
-
     cfg = {**CLASSIFIER, **AUTHORS_RECIPE}
     ref = tmp_path / "ref"
     seen = _recording_validation(monkeypatch)
@@ -476,15 +481,7 @@ def test_the_authors_classifier_recipe_resumes_after_a_kill_and_ends_identical(
     tuned = json.loads((classifier_dir / "model" / "classifier.json").read_text())["thresholds"]
     assert tuned != [0.5] * 6  # the default recipe does tune them
 
-    per_epoch = len(read_manifest(data, "train")) // CLASSIFIER["batch_size"]
-    real_augment, calls = classifier_mod.augment, {"n": 0}
-
-    def dying_augment(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == per_epoch + 3:  # killed during epoch 2, after epoch 1's checkpoint
-            raise KeyboardInterrupt("killed")
-        return real_augment(*args, **kw)
-
+    real_augment, dying_augment = _dies_in_epoch_2(data)
     run = tmp_path / "run"
     outputs = (run / "model", run / "t.tsv", run / "n.tsv")
     monkeypatch.setattr(classifier_mod, "augment", dying_augment)
@@ -608,6 +605,29 @@ def test_bad_classifier_files_give_clear_errors(classifier_dir, tmp_path, corrup
 
 
 # ------------------------------------------------------------------------------ sampling, checks
+
+
+def test_guidance_scale_one_is_the_conditional_output_in_one_forward():
+    """Scale 1 skips the unconditional half: same output as the two-pass formula, half the
+    UNet batch."""
+    from rl4med.sampling import guided_output
+
+    sd = build_tiny_sd(TINY, 32)
+    x = torch.randn(3, sd.unet.config.in_channels, 8, 8)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        cond = sd.encode_prompts(sd.prompt_texts(all_prompts()[:3]))
+        uncond = sd.encode_prompts(["", "", ""])
+    batches = []
+    hook = sd.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    with torch.no_grad():
+        one = guided_output(sd.unet, x, t, cond, uncond, 1.0)
+        near = guided_output(sd.unet, x, t, cond, uncond, 1.0 + 1e-9)
+        three = guided_output(sd.unet, x, t, cond, uncond, 3.0)
+    hook.remove()
+    assert batches == [3, 6, 6]
+    assert torch.allclose(one, near, atol=1e-5)
+    assert (one - three).abs().max() > 1e-3  # guidance does change the output
 
 
 def test_sampling_is_paired_and_reproducible():
