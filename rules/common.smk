@@ -1,5 +1,4 @@
 import os
-import re
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -12,26 +11,25 @@ os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
 
 
+# the package's stdlib-only modules (config messages, the one prompt builder), importable here
+sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+from rl4med.config import invalid_key
+
+
 def validate_config(cfg):
     """Validate against the schema (filling defaults); on error, name the key in one line."""
     try:
         validate(cfg, schema="../schemas/config.schema.yaml", set_default=True)
     except WorkflowError as err:
-        text = str(err)
-        what = re.search(r"ValidationError: (.*)", text)
-        where = re.search(r"On instance((?:\[[^\]]*\])*)", text)
-        key = ".".join(re.findall(r"\['?([^'\]]*)'?\]", where.group(1))) if where else ""
+        key, what = invalid_key(str(err))
         raise WorkflowError(
-            f"Invalid config at key '{key or '<top level>'}': "
-            f"{what.group(1) if what else text}. "
+            f"Invalid config at key '{key}': {what}. "
             "The keys and their types are in schemas/config.schema.yaml."
         ) from None
 
 
 validate_config(config)
 
-# the one prompt builder (stdlib only, so the Snakemake process can import it anywhere)
-sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 from rl4med.prompts import all_slugs
 from rl4med.sweep import BASELINE, expand_grid
 

@@ -51,7 +51,7 @@ if SD_KIND == "tiny":
             "logs/models/build_sd.log",
         params:
             tiny=config["sd"]["tiny"],
-            init=TINY_INIT,
+            init=lambda wildcards, input: "scratch" if TINY_INIT == "scratch" else input.init,
         threads: 1
         resources:
             mem_mb=resource("build_sd", "mem_mb"),

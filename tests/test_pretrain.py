@@ -97,7 +97,7 @@ def test_artifact_rates_weight_prompts_by_samples():
         ("nv__none", 4, 0.0, 0.5, 0.0, 0.25),
     ]
     table = pd.DataFrame(rows, columns=["prompt", "n", *(f"has_{a}" for a in ARTIFACTS)])
-    rates = pt.artifact_rates(table).set_index("artifact")
+    rates = pt.adherence_rates(table).set_index("artifact")
     assert rates.loc["hair", "drawn_when_prompted"] == pytest.approx((4 + 1) / 6)
     assert rates.loc["hair", "left_out_when_not"] == pytest.approx(1.0)
     assert rates.loc["ink", "drawn_when_prompted"] == pytest.approx(1.0)

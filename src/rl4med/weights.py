@@ -78,14 +78,15 @@ class ManualDownloadError(ValueError):
 
 
 def overlay_configs(configs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Configs merged as ``--configfile a b`` merges them: later keys win, mappings merge."""
+    """Configs merged as ``--configfile a b`` merges them (Snakemake's own update_config):
+    later keys win, mappings merge."""
+    import copy
+
+    from snakemake.utils import update_config
+
     out: dict[str, Any] = {}
     for cfg in configs:
-        for key, value in cfg.items():
-            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-                out[key] = overlay_configs([out[key], value])
-            else:
-                out[key] = value
+        update_config(out, copy.deepcopy(dict(cfg)))
     return out
 
 

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import statistics
 import time
@@ -62,6 +61,8 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
 
+    from rl4med.config import invalid_key
+
     cfg = yaml.safe_load(Path(path).read_text())
     if not isinstance(cfg, dict):
         raise PretrainConfigError(f"{path}: not a YAML mapping")
@@ -69,13 +70,9 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         validate(cfg, str(SCHEMA), set_default=True)
     except WorkflowError as err:
-        text = str(err)
-        what = re.search(r"ValidationError: (.*)", text)
-        where = re.search(r"On instance((?:\[[^\]]*\])*)", text)
-        key = ".".join(re.findall(r"\['?([^'\]]*)'?\]", where.group(1))) if where else ""
+        key, what = invalid_key(str(err))
         raise PretrainConfigError(
-            f"{path}: key '{key or '<top level>'}': {what.group(1) if what else text} "
-            f"(the keys are in {SCHEMA.name} and config.schema.yaml)"
+            f"{path}: key '{key}': {what} (the keys are in {SCHEMA.name} and config.schema.yaml)"
         ) from None
     return cfg
 
@@ -206,7 +203,7 @@ def _mean(values: np.ndarray, weights: np.ndarray) -> float:
     return float((values * weights).sum() / weights.sum()) if weights.sum() else float("nan")
 
 
-def artifact_rates(table: pd.DataFrame) -> pd.DataFrame:
+def adherence_rates(table: pd.DataFrame) -> pd.DataFrame:
     """Per artifact, from a ``prompt_adherence`` table: how often the judge finds it drawn when
     the prompt asks for it and left out when it does not (prompts weighted by their samples)."""
     from rl4med.prompts import prompt_from_slug
@@ -258,7 +255,7 @@ def _measure(cfg: Mapping[str, Any], work: Path, sd: Any, judge: Any) -> dict[st
     save_grid(grid, len(prompts), [p.slug for p in prompts], out / "samples.png", max_cols=8)
     single = {p.slug for p in single_artifact_prompts()}
     part = table[table["prompt"].isin(single)]
-    rates = {ALL: artifact_rates(table), SINGLE: artifact_rates(part)}
+    rates = {ALL: adherence_rates(table), SINGLE: adherence_rates(part)}
     result = {
         "rates": {k: v.to_dict(orient="records") for k, v in rates.items()},
         "apr": {ALL: float(table["apr"].mean()), SINGLE: float(part["apr"].mean())},
@@ -271,7 +268,7 @@ def _measure(cfg: Mapping[str, Any], work: Path, sd: Any, judge: Any) -> dict[st
             f"batch {b}": sampling_seconds(
                 sd, b, int(check["num_steps"]), float(check["guidance_scale"])
             )
-            for b in (int(cfg["pretrain"]["speed_batch"]), 64)
+            for b in dict.fromkeys((int(cfg["pretrain"]["speed_batch"]), 64))
         },
     }
     with atomic_path(summary) as tmp:
