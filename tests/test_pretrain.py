@@ -89,7 +89,7 @@ def test_shipped_config_validates_and_bad_keys_are_named(tmp_path):
         pt.load_config(tmp_path / "bad.yaml")
 
 
-def test_artifact_rates_weight_prompts_by_samples():
+def test_adherence_rates_weight_prompts_by_samples():
     rows = [
         # prompt, n, has_hair, has_gel, has_ink, has_ruler
         ("mel__hair", 4, 1.0, 0.0, 0.25, 0.5),
