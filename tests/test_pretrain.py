@@ -75,6 +75,14 @@ def test_shipped_config_validates_and_bad_keys_are_named(tmp_path):
     assert syn["seed"] != 0  # never the demo's or the showcase's images
     assert cfg["sd"]["tiny"]["init"] == "scratch"
     assert cfg["pretrain"]["output"] == "resources/tiny-sd-derm64"
+    # the demo starts from the shipped early checkpoint, the showcase from the finished model
+    early = cfg["pretrain"]["early"]["output"]
+    demo = yaml.safe_load((REPO / "config.yaml").read_text())
+    showcase = yaml.safe_load((REPO / "config" / "cpu-showcase.yaml").read_text())
+    assert demo["sd"]["tiny"]["init"] == early
+    assert showcase["sd"]["tiny"]["init"] == cfg["pretrain"]["output"]
+    step = cfg["pretrain"]["early"]["step"]
+    assert f"the step-{step} checkpoint" in (REPO / early / "README.md").read_text()
     demo_judge = yaml.safe_load((REPO / "config.yaml").read_text())["classifier"]["judge"]
     assert {k: cfg["judge"][k] for k in demo_judge} == demo_judge
     raw = yaml.safe_load((REPO / "config" / "pretrain-tiny.yaml").read_text())
@@ -83,6 +91,11 @@ def test_shipped_config_validates_and_bad_keys_are_named(tmp_path):
     with pytest.raises(pt.PretrainConfigError, match=r"bad.yaml: key 'sd.tiny.init'"):
         pt.load_config(tmp_path / "bad.yaml")
     raw["sd"]["tiny"]["init"] = "scratch"
+    raw["pretrain"]["early"]["step"] = raw["finetune_sd"]["max_steps"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(pt.PretrainConfigError, match=r"key 'pretrain.early.step': 2500 is not"):
+        pt.load_config(tmp_path / "bad.yaml")
+    raw["pretrain"]["early"]["step"] = 750
     raw["finetune_sd"]["max_stepz"] = 3
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(pt.PretrainConfigError, match=r"key 'finetune_sd'.*max_stepz"):
@@ -127,6 +140,7 @@ def _micro_config(tmp_path):
 
 def test_pretrain_writes_a_loadable_float16_model_with_its_card(tmp_path, monkeypatch, caplog):
     cfg = _micro_config(tmp_path)
+    cfg["pretrain"]["early"] = {"step": 2, "output": str(tmp_path / "tiny-sd-step2")}
     work, out = tmp_path / "work", tmp_path / "tiny-sd"
     pt.pretrain(cfg, work, out, threads=2)
 
@@ -153,6 +167,19 @@ def test_pretrain_writes_a_loadable_float16_model_with_its_card(tmp_path, monkey
     assert "seed 1001" in card and "4 steps of batch 8" in card
     assert f"{summary['seconds_per_image']['batch 2']:.3f} s per image in a batch 2" in card
     assert "float16" in card
+
+    # the early checkpoint: its own folder, weights of step 2, card and loss up to step 2
+    early = tmp_path / "tiny-sd-step2"
+    at2, shipped2 = load_sd(work / "sd_step2"), load_tiny_init(early, cfg["sd"]["tiny"])
+    for k, v in at2.unet.state_dict().items():
+        assert torch.equal(shipped2.unet.state_dict()[k], v.half().float()), k
+    assert not all(
+        torch.equal(v, trained.unet.state_dict()[k]) for k, v in at2.unet.state_dict().items()
+    )
+    assert pd.read_csv(early / "loss.tsv", sep="\t")["step"].tolist() == [1, 2]
+    early_card = (early / "README.md").read_text()
+    assert early_card.startswith("# tiny-sd-step2: the step-2 checkpoint of tiny-sd")
+    assert "2 steps of batch 8" in early_card and (early / "samples.png").is_file()
 
     # a rerun finds every step done: nothing is trained or sampled again
     def fail(*args, **kwargs):

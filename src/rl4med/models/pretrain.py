@@ -18,6 +18,9 @@ killed run continues where it stopped. On a GPU when one is present (``select_de
    the single-artifact prompts of the demo's ``stage_i_check``) and the sampling speed;
 7. the model folder with its card (README.md, loss curve, adherence table, sample grid),
    written atomically to ``pretrain.output``.
+
+With ``pretrain.early`` stage i first stops at that step and keeps its model, which steps 5-7
+ship as a second folder (``pretrain.early.output``): the demo's start.
 """
 
 from __future__ import annotations
@@ -74,6 +77,12 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise PretrainConfigError(
             f"{path}: key '{key}': {what} (the keys are in {SCHEMA.name} and config.schema.yaml)"
         ) from None
+    early, steps = _early_step(cfg), int(cfg["finetune_sd"]["max_steps"])
+    if early is not None and early >= steps:
+        raise PretrainConfigError(
+            f"{path}: key 'pretrain.early.step': {early} is not below finetune_sd.max_steps "
+            f"({steps})"
+        )
     return cfg
 
 
@@ -90,7 +99,8 @@ def _data(cfg: Mapping[str, Any], work: Path) -> Path:
 
 
 def _stage_i(cfg: Mapping[str, Any], work: Path, manifest: Path, device: torch.device) -> Path:
-    """Build the random-weight model once, then train it (resuming from checkpoints)."""
+    """Build the random-weight model once, then train it (resuming from checkpoints); with
+    ``pretrain.early`` the run stops at its step first and keeps that model (``sd_step<N>``)."""
     from rl4med.models.finetune import finetune
     from rl4med.models.sd import build_tiny_sd, load_sd
 
@@ -98,6 +108,18 @@ def _stage_i(cfg: Mapping[str, Any], work: Path, manifest: Path, device: torch.d
     tiny = cfg["sd"]["tiny"]
     if not base.is_dir():
         build_tiny_sd(tiny, int(tiny["image_size"])).save_pretrained(base)
+    early = _early_step(cfg)
+    if early and not (work / f"sd_step{early}").is_dir():
+        finetune(
+            load_sd(base),
+            manifest,
+            work / f"sd_step{early}",
+            work / f"loss_step{early}.tsv",
+            work / "checkpoints" / "finetune",
+            {**cfg["finetune_sd"], "max_steps": early},
+            device=device,
+            workers=1,
+        )
     if not model.is_dir():
         finetune(
             load_sd(base),
@@ -110,6 +132,11 @@ def _stage_i(cfg: Mapping[str, Any], work: Path, manifest: Path, device: torch.d
             workers=1,
         )
     return model
+
+
+def _early_step(cfg: Mapping[str, Any]) -> int | None:
+    early = cfg["pretrain"].get("early")
+    return int(early["step"]) if early else None
 
 
 def _judge(cfg: Mapping[str, Any], work: Path, manifest: Path, device: torch.device) -> Path:
@@ -171,17 +198,24 @@ def fp16_check(
     }
 
 
-def _export(cfg: Mapping[str, Any], work: Path, model: Path, judge: Any, device: torch.device):
+def _export(
+    cfg: Mapping[str, Any],
+    work: Path,
+    model: Path,
+    judge: Any,
+    device: torch.device,
+    name: str = "export",
+):
     """The weights to ship: float16 when its samples stay close to float32's."""
     from rl4med.models.sd import load_sd
 
-    export, report = work / "export", work / "export.json"
+    export, report = work / name, work / f"{name}.json"
     if export.is_dir() and report.is_file():
         return load_sd(export, device), json.loads(report.read_text())
     sd = load_sd(model, device)
     info: dict[str, Any] = {"dtype": "float32"}
     if cfg["pretrain"]["dtype"] == "float16":
-        half_dir = work / "export_fp16"
+        half_dir = work / f"{name}_fp16"
         load_sd(model, "cpu", torch.float16).save_pretrained(half_dir)
         info["fp16_check"] = fp16_check(sd, half_dir, judge, cfg["check"])
         ok = info["fp16_check"]["mean_abs_pixel_diff"] <= cfg["pretrain"]["fp16_max_mean_abs"]
@@ -228,13 +262,15 @@ def adherence_rates(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _measure(cfg: Mapping[str, Any], work: Path, sd: Any, judge: Any) -> dict[str, Any]:
+def _measure(
+    cfg: Mapping[str, Any], work: Path, sd: Any, judge: Any, name: str = "measure"
+) -> dict[str, Any]:
     """The judge's adherence on samples of all 32 prompts, the sample grid, sampling speed."""
     from rl4med.figures import save_grid
     from rl4med.models.checks import prompt_adherence, single_artifact_prompts
     from rl4med.prompts import all_prompts
 
-    out = work / "measure"
+    out = work / name
     summary = out / "summary.json"
     if summary.is_file():
         return json.loads(summary.read_text())
@@ -340,15 +376,33 @@ def write_card(path: Path, facts: Mapping[str, Any]) -> None:
         f"{a} {_pct(data['prevalence']['MEL'][a])} / {_pct(data['prevalence']['NV'][a])}"
         for a in ARTIFACTS
     )
+    name = facts.get("name", "tiny-sd-derm64")
+    if facts.get("early_of"):
+        intro = [
+            f"# {name}: the step-{ft['max_steps']} checkpoint of {facts['early_of']}",
+            "",
+            f"The same pre-training run as `{facts['early_of']}`, stopped at step "
+            f"{ft['max_steps']}: the base model",
+            "of the demo's stage i (`sd.tiny.init` in config.yaml). It draws every artifact",
+            "but follows the prompt less reliably than the finished model, so that the demo's",
+            "stage i, like the paper's SD v1.5 fine-tuned on ISIC2019, leaves DDPO a prompt",
+            "adherence to improve (README, demo). Open it with `rl4med.models.sd.load_sd(folder)`;",
+            f"`make pretrain-tiny` (`{facts['config_path']}`, `pretrain.early`) writes it.",
+        ]
+    else:
+        intro = [
+            f"# {name}: a pretrained tiny Stable Diffusion for the CPU demo",
+            "",
+            "The base model of the showcase's stage i (`sd.tiny.init`); the demo starts from its",
+            "early checkpoint (`pretrain.early`). The paper fine-tunes SD v1.5, a model that can",
+            "already draw; this stands in for it at 64 px on CPUs. Same diffusers classes as SD",
+            "v1.5 (UNet2DConditionModel, CLIPTextModel, DDPM/DDIM schedulers), a word-level",
+            "prompt tokenizer and a lossless pixel-unshuffle patch autoencoder; open it with",
+            "`rl4med.models.sd.load_sd(folder)`. Reproduce it from scratch with `make",
+            f"pretrain-tiny` (`{facts['config_path']}`).",
+        ]
     lines = [
-        "# tiny-sd-derm64: a pretrained tiny Stable Diffusion for the CPU demo",
-        "",
-        "The base model of the demo's and the showcase's stage i (`sd.tiny.init`, default this",
-        "folder): the paper fine-tunes SD v1.5, a model that can already draw; this stands in",
-        "for it at 64 px on CPUs. Same diffusers classes as SD v1.5 (UNet2DConditionModel,",
-        "CLIPTextModel, DDPM/DDIM schedulers), a word-level prompt tokenizer and a lossless",
-        "pixel-unshuffle patch autoencoder; open it with `rl4med.models.sd.load_sd(folder)`.",
-        f"Reproduce it from scratch with `make pretrain-tiny` (`{facts['config_path']}`).",
+        *intro,
         "",
         "## Data",
         "",
@@ -450,7 +504,8 @@ def pretrain(
     threads: int,
     config_path: str = "config/pretrain-tiny.yaml",
 ) -> Path:
-    """Run every step (skipping the finished ones) and write the model folder ``out``."""
+    """Run every step (skipping the finished ones) and write the model folder ``out``; with
+    ``pretrain.early`` also the folder of the early checkpoint (the demo's start)."""
     from rl4med.models.classifier import load_classifier
     from rl4med.runtime import configure_torch, select_device
 
@@ -460,20 +515,55 @@ def pretrain(
     manifest = _data(cfg, work)
     model = _stage_i(cfg, work, manifest, device)
     judge = load_classifier(_judge(cfg, work, manifest, device), device)
-    sd, export = _export(cfg, work, model, judge, device)
-    measure = _measure(cfg, work, sd, judge)
+    _write_folder(cfg, work, manifest, model, judge, device, out, "", config_path)
+    early = _early_step(cfg)
+    if early:
+        early_out = Path(cfg["pretrain"]["early"]["output"])
+        model = work / f"sd_step{early}"
+        suffix = f"_step{early}"
+        _write_folder(
+            cfg, work, manifest, model, judge, device, early_out, suffix, config_path, out.name
+        )
+    return out
+
+
+def _write_folder(
+    cfg: Mapping[str, Any],
+    work: Path,
+    manifest: Path,
+    model: Path,
+    judge: Any,
+    device: torch.device,
+    out: Path,
+    suffix: str,
+    config_path: str,
+    early_of: str | None = None,
+) -> None:
+    """Export, measure and write one shipped folder (weights, card, loss, adherence, grid).
+    An early checkpoint's card shows the loss curve up to its step."""
+    sd, export = _export(cfg, work, model, judge, device, name=f"export{suffix}")
+    measure = _measure(cfg, work, sd, judge, name=f"measure{suffix}")
     curve = pd.read_csv(work / "loss.tsv", sep="\t")
+    steps = int(cfg["finetune_sd"]["max_steps"])
+    if early_of:
+        steps = _early_step(cfg) or steps
+        curve = curve[curve["step"] <= steps]
     judge_test = pd.read_csv(work / "judge_test.tsv", sep="\t")
     with atomic_dir(out) as tmp:
-        shutil.copytree(work / "export", tmp, dirs_exist_ok=True)
-        shutil.copy(work / "loss.tsv", tmp / "loss.tsv")
+        shutil.copytree(work / f"export{suffix}", tmp, dirs_exist_ok=True)
+        if early_of:
+            write_table(curve, tmp / "loss.tsv")
+        else:
+            shutil.copy(work / "loss.tsv", tmp / "loss.tsv")
         loss_figure(curve, tmp / "loss.png")
-        shutil.copy(work / "measure" / "adherence.tsv", tmp / "adherence.tsv")
-        shutil.copy(work / "measure" / "samples.png", tmp / "samples.png")
+        shutil.copy(work / f"measure{suffix}" / "adherence.tsv", tmp / "adherence.tsv")
+        shutil.copy(work / f"measure{suffix}" / "samples.png", tmp / "samples.png")
         size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 2**20
         facts = {
-            "config": cfg,
+            "config": {**cfg, "finetune_sd": {**cfg["finetune_sd"], "max_steps": steps}},
             "config_path": config_path,
+            "name": out.name,
+            "early_of": early_of,
             "measure": measure,
             "data": data_summary(manifest),
             "export": export,
@@ -503,7 +593,6 @@ def pretrain(
             f.chmod(0o755 if f.is_dir() else 0o644)
         tmp.chmod(0o755)
     log.info("tiny SD written to %s (%.1f MB)", out, size)
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
