@@ -21,6 +21,8 @@ rule generate:
         cfg=config["evaluation"],
         device=config["sd"]["device"],
         dtype=config["sd"]["dtype"],
+    # SD+RL's samples before SD's: they end the critical path
+    priority: lambda wc: 1 if wc.model == "sd_rl" else 0
     threads: resource("generate", "cpus")
     resources:
         mem_mb=resource("generate", "mem_mb"),

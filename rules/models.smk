@@ -95,6 +95,9 @@ if not PUBLISHED:
             tracking=tracking("finetune_sd"),
             # kept outside the outputs so a killed job resumes from them
             checkpoints="results/checkpoints/finetune_sd",
+        # the critical path first (stage i -> reward classifier -> DDPO -> SD+RL samples): on
+        # few cores a job that needs them all otherwise waits behind shorter ones (README, demo)
+        priority: 3
         threads: resource("finetune_sd", "cpus")
         resources:
             mem_mb=resource("finetune_sd", "mem_mb"),
@@ -134,6 +137,7 @@ if not PUBLISHED:
             checkpoints=lambda wc: f"results/checkpoints/classifier_{wc.role}",
         wildcard_constraints:
             role="reward|judge",
+        priority: 2
         threads: resource("train_classifier", "cpus")
         resources:
             mem_mb=resource("train_classifier", "mem_mb"),
