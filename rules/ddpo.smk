@@ -26,7 +26,7 @@ if RUN_DDPO:
             tracking=tracking("ddpo"),
             # kept outside the outputs so a preempted job resumes from them
             checkpoints="results/checkpoints/ddpo",
-        priority: 3
+        priority: 10
         threads: resource("ddpo", "cpus")
         resources:
             mem_mb=resource("ddpo", "mem_mb"),
