@@ -19,7 +19,7 @@ help:
 	@echo "make test    install into $(VENV) and run every test (includes a micro end-to-end run)"
 	@echo "make sweep   the demo plus a 2-setting DDPO sweep (config/sweep.yaml), about 15 minutes more"
 	@echo "make showcase  the CPU showcase (config/cpu-showcase.yaml, <= 90 min) -> docs/results/cpu-showcase.md"
-	@echo "make pretrain-tiny  pre-train the demo's tiny SD -> resources/tiny-sd-derm64 (resumable; about 35 min on 2 idle CPU cores)"
+	@echo "make pretrain-tiny  pre-train the tiny SD -> resources/tiny-sd-derm64 and -step750 (resumable; about 35 min on 2 idle CPU cores)"
 	@echo "make bench   CPU benchmarks (ratios against bare baselines) -> benchmarks/results.md"
 	@echo "make gpu-check  the GPU check (SD v1.5 speed, DDPO, GPU-hours, workflow devices) -> docs/results/gpu-check.md; no CUDA: results/gpu-check/"
 	@echo "make dryrun  dry-run the demo and the paper-scale (ISIC2019) configs"
@@ -57,7 +57,8 @@ showcase: setup
 	@echo "showcase: docs/results/cpu-showcase.md, report: $(SHOWCASE)/results/report.html"
 
 # the pretrained tiny SD that the demo's stage i fine-tunes (config/pretrain-tiny.yaml), with its
-# model card: data -> stage i -> judge -> float16 export -> measurements -> resources/tiny-sd-derm64.
+# model card: data -> stage i -> judge -> float16 export -> measurements -> resources/tiny-sd-derm64
+# (and its step-750 checkpoint, a weaker start, -> resources/tiny-sd-derm64-step750).
 # Every finished step is kept in results/pretrain-tiny and stage i resumes from its checkpoints,
 # so a killed run continues. On a GPU when one is present; on 2 idle CPU cores about 35 min: run it
 # in the background, e.g. `nohup nice -n 19 make pretrain-tiny > pretrain-tiny.log 2>&1 &`

@@ -20,7 +20,7 @@ killed run continues where it stopped. On a GPU when one is present (``select_de
    written atomically to ``pretrain.output``.
 
 With ``pretrain.early`` stage i first stops at that step and keeps its model, which steps 5-7
-ship as a second folder (``pretrain.early.output``): the demo's start.
+ship as a second folder (``pretrain.early.output``): a weaker start for stage i.
 """
 
 from __future__ import annotations
@@ -382,24 +382,23 @@ def write_card(path: Path, facts: Mapping[str, Any]) -> None:
             f"# {name}: the step-{ft['max_steps']} checkpoint of {facts['early_of']}",
             "",
             f"The same pre-training run as `{facts['early_of']}`, stopped at step "
-            f"{ft['max_steps']}: the base model",
-            "of the demo's stage i (`sd.tiny.init` in config.yaml). It draws every artifact",
-            "but follows the prompt less reliably than the finished model, so that the demo's",
-            "stage i, like the paper's SD v1.5 fine-tuned on ISIC2019, leaves DDPO a prompt",
-            "adherence to improve (README, demo). Open it with `rl4med.models.sd.load_sd(folder)`;",
-            f"`make pretrain-tiny` (`{facts['config_path']}`, `pretrain.early`) writes it.",
+            f"{ft['max_steps']}: a weaker",
+            "start for stage i (`sd.tiny.init`). It draws every artifact but follows the prompt",
+            "less reliably than the finished model, as the paper's SD v1.5 after stage i does",
+            "on ISIC2019's rare combinations; the README (Models) gives what the demo measured",
+            "from it. Open it with `rl4med.models.sd.load_sd(folder)`; `make pretrain-tiny`",
+            f"(`{facts['config_path']}`, `pretrain.early`) writes it.",
         ]
     else:
         intro = [
             f"# {name}: a pretrained tiny Stable Diffusion for the CPU demo",
             "",
-            "The base model of the showcase's stage i (`sd.tiny.init`); the demo starts from its",
-            "early checkpoint (`pretrain.early`). The paper fine-tunes SD v1.5, a model that can",
-            "already draw; this stands in for it at 64 px on CPUs. Same diffusers classes as SD",
-            "v1.5 (UNet2DConditionModel, CLIPTextModel, DDPM/DDIM schedulers), a word-level",
-            "prompt tokenizer and a lossless pixel-unshuffle patch autoencoder; open it with",
-            "`rl4med.models.sd.load_sd(folder)`. Reproduce it from scratch with `make",
-            f"pretrain-tiny` (`{facts['config_path']}`).",
+            "The base model of the demo's and the showcase's stage i (`sd.tiny.init`, default this",
+            "folder): the paper fine-tunes SD v1.5, a model that can already draw; this stands in",
+            "for it at 64 px on CPUs. Same diffusers classes as SD v1.5 (UNet2DConditionModel,",
+            "CLIPTextModel, DDPM/DDIM schedulers), a word-level prompt tokenizer and a lossless",
+            "pixel-unshuffle patch autoencoder; open it with `rl4med.models.sd.load_sd(folder)`.",
+            f"Reproduce it from scratch with `make pretrain-tiny` (`{facts['config_path']}`).",
         ]
     lines = [
         *intro,
@@ -505,7 +504,7 @@ def pretrain(
     config_path: str = "config/pretrain-tiny.yaml",
 ) -> Path:
     """Run every step (skipping the finished ones) and write the model folder ``out``; with
-    ``pretrain.early`` also the folder of the early checkpoint (the demo's start)."""
+    ``pretrain.early`` also the folder of the early checkpoint."""
     from rl4med.models.classifier import load_classifier
     from rl4med.runtime import configure_torch, select_device
 
