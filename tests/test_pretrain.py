@@ -95,7 +95,15 @@ def test_shipped_config_validates_and_bad_keys_are_named(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(pt.PretrainConfigError, match=r"key 'pretrain.early.step': 2500 is not"):
         pt.load_config(tmp_path / "bad.yaml")
-    raw["pretrain"]["early"]["step"] = 750
+    raw["pretrain"]["early"]["step"] = 740  # off the loss log's grid (log_every 25)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(pt.PretrainConfigError, match=r"740 is not a multiple of .*log_every"):
+        pt.load_config(tmp_path / "bad.yaml")
+    raw["pretrain"]["early"] = {"step": 750, "output": raw["pretrain"]["output"]}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(pt.PretrainConfigError, match=r"'pretrain.early.output': the same as"):
+        pt.load_config(tmp_path / "bad.yaml")
+    raw["pretrain"]["early"]["output"] = "resources/tiny-sd-derm64-step750"
     raw["finetune_sd"]["max_stepz"] = 3
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(pt.PretrainConfigError, match=r"key 'finetune_sd'.*max_stepz"):
@@ -142,7 +150,10 @@ def test_pretrain_writes_a_loadable_float16_model_with_its_card(tmp_path, monkey
     cfg = _micro_config(tmp_path)
     cfg["pretrain"]["early"] = {"step": 2, "output": str(tmp_path / "tiny-sd-step2")}
     work, out = tmp_path / "work", tmp_path / "tiny-sd"
-    pt.pretrain(cfg, work, out, threads=2)
+    with caplog.at_level(logging.INFO):
+        pt.pretrain(cfg, work, out, threads=2)
+    # the full run continued from the early run's checkpoint instead of starting again
+    assert "resuming stage i from" in caplog.text and "step_00000002" in caplog.text
 
     weights = out / "unet" / "diffusion_pytorch_model.safetensors"
     assert {v.dtype for v in load_file(weights).values()} == {torch.float16}
@@ -205,3 +216,20 @@ def test_a_killed_pretraining_resumes_stage_i(tmp_path, caplog):
         pt._stage_i(cfg, work, manifest, torch.device("cpu"))
     assert "resuming stage i" in caplog.text
     assert pd.read_csv(work / "loss.tsv", sep="\t")["step"].tolist() == [1, 2, 3, 4]
+
+
+def test_an_early_stop_added_after_a_finished_run_keeps_its_own_checkpoints(tmp_path):
+    cfg = _micro_config(tmp_path)
+    work = tmp_path / "work"
+    manifest = pt._data(cfg, work)
+    pt._stage_i(cfg, work, manifest, torch.device("cpu"))
+    final = _unet_state(load_sd(work / "sd"))
+    cfg["pretrain"]["early"] = {"step": 2, "output": str(tmp_path / "early")}
+    pt._stage_i(cfg, work, manifest, torch.device("cpu"))
+    # trained again to step 2 in a folder of its own (the shared one holds steps 2 and 4 of the
+    # finished run, which would rotate the new ones out); the finished model is left as it was
+    assert (work / "sd_step2").is_dir()
+    own = sorted(p.name for p in (work / "checkpoints" / "finetune_step2").iterdir())
+    assert own and own[-1] == "step_00000002"
+    assert pd.read_csv(work / "loss_step2.tsv", sep="\t")["step"].tolist() == [1, 2]
+    assert all(torch.equal(v, final[k]) for k, v in _unet_state(load_sd(work / "sd")).items())

@@ -78,11 +78,14 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: key '{key}': {what} (the keys are in {SCHEMA.name} and config.schema.yaml)"
         ) from None
     early, steps = _early_step(cfg), int(cfg["finetune_sd"]["max_steps"])
-    if early is not None and early >= steps:
+    log_every = int(cfg["finetune_sd"].get("log_every", 10))
+    if early is not None and (early >= steps or early % log_every):
         raise PretrainConfigError(
-            f"{path}: key 'pretrain.early.step': {early} is not below finetune_sd.max_steps "
-            f"({steps})"
+            f"{path}: key 'pretrain.early.step': {early} is not a multiple of "
+            f"finetune_sd.log_every ({log_every}) below finetune_sd.max_steps ({steps})"
         )
+    if early is not None and cfg["pretrain"]["early"]["output"] == cfg["pretrain"]["output"]:
+        raise PretrainConfigError(f"{path}: key 'pretrain.early.output': the same as 'output'")
     return cfg
 
 
@@ -110,12 +113,15 @@ def _stage_i(cfg: Mapping[str, Any], work: Path, manifest: Path, device: torch.d
         build_tiny_sd(tiny, int(tiny["image_size"])).save_pretrained(base)
     early = _early_step(cfg)
     if early and not (work / f"sd_step{early}").is_dir():
+        # after a finished run the shared folder holds later checkpoints, which would win the
+        # rotation over the early run's own: then it keeps its own folder, to stay resumable
+        own = f"finetune_step{early}" if model.is_dir() else "finetune"
         finetune(
             load_sd(base),
             manifest,
             work / f"sd_step{early}",
             work / f"loss_step{early}.tsv",
-            work / "checkpoints" / "finetune",
+            work / "checkpoints" / own,
             {**cfg["finetune_sd"], "max_steps": early},
             device=device,
             workers=1,
@@ -502,9 +508,11 @@ def pretrain(
     out: Path,
     threads: int,
     config_path: str = "config/pretrain-tiny.yaml",
+    early_output: Path | None = None,
 ) -> Path:
     """Run every step (skipping the finished ones) and write the model folder ``out``; with
-    ``pretrain.early`` also the folder of the early checkpoint."""
+    ``pretrain.early`` also the folder of the early checkpoint (``early_output`` overrides
+    ``pretrain.early.output``)."""
     from rl4med.models.classifier import load_classifier
     from rl4med.runtime import configure_torch, select_device
 
@@ -518,6 +526,8 @@ def pretrain(
     early = _early_step(cfg)
     if early:
         early_out = Path(cfg["pretrain"]["early"]["output"])
+        if early_output is not None:
+            early_out = early_output
         model = work / f"sd_step{early}"
         suffix = f"_step{early}"
         _write_folder(
@@ -546,7 +556,8 @@ def _write_folder(
     steps = int(cfg["finetune_sd"]["max_steps"])
     if early_of:
         steps = _early_step(cfg) or steps
-        curve = curve[curve["step"] <= steps]
+        own = work / f"loss_step{steps}.tsv"  # absent where the early model was made apart
+        curve = pd.read_csv(own, sep="\t") if own.is_file() else curve[curve["step"] <= steps]
     judge_test = pd.read_csv(work / "judge_test.tsv", sep="\t")
     with atomic_dir(out) as tmp:
         shutil.copytree(work / f"export{suffix}", tmp, dirs_exist_ok=True)
@@ -599,6 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--work-dir", help="overrides pretrain.work_dir")
     parser.add_argument("--out", help="overrides pretrain.output")
+    parser.add_argument("--early-out", help="overrides pretrain.early.output")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -608,7 +620,10 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work_dir or cfg["pretrain"]["work_dir"])
     out = Path(args.out or cfg["pretrain"]["output"])
     t0 = time.perf_counter()
-    pretrain(cfg, work, out, args.threads, args.config)
+    early_out = Path(args.early_out) if args.early_out else None
+    if args.out and cfg["pretrain"].get("early") and early_out is None:
+        early_out = out.parent / f"{out.name}-step{cfg['pretrain']['early']['step']}"
+    pretrain(cfg, work, out, args.threads, args.config, early_out)
     log.info("make pretrain-tiny finished in %.0f s", time.perf_counter() - t0)
 
 
