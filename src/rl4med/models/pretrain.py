@@ -112,28 +112,23 @@ def _stage_i(cfg: Mapping[str, Any], work: Path, manifest: Path, device: torch.d
     if not base.is_dir():
         build_tiny_sd(tiny, int(tiny["image_size"])).save_pretrained(base)
     early = _early_step(cfg)
+    runs = []  # (model folder, loss file, checkpoint folder, stage-i settings)
     if early and not (work / f"sd_step{early}").is_dir():
         # after a finished run the shared folder holds later checkpoints, which would win the
         # rotation over the early run's own: then it keeps its own folder, to stay resumable
         own = f"finetune_step{early}" if model.is_dir() else "finetune"
-        finetune(
-            load_sd(base),
-            manifest,
-            work / f"sd_step{early}",
-            work / f"loss_step{early}.tsv",
-            work / "checkpoints" / own,
-            {**cfg["finetune_sd"], "max_steps": early},
-            device=device,
-            workers=1,
-        )
+        early_cfg = {**cfg["finetune_sd"], "max_steps": early}
+        runs.append((work / f"sd_step{early}", f"loss_step{early}.tsv", own, early_cfg))
     if not model.is_dir():
+        runs.append((model, "loss.tsv", "finetune", cfg["finetune_sd"]))
+    for out, loss, checkpoints, ft_cfg in runs:
         finetune(
             load_sd(base),
             manifest,
-            model,
-            work / "loss.tsv",
-            work / "checkpoints" / "finetune",
-            cfg["finetune_sd"],
+            out,
+            work / loss,
+            work / "checkpoints" / checkpoints,
+            ft_cfg,
             device=device,
             workers=1,
         )
@@ -525,9 +520,7 @@ def pretrain(
     _write_folder(cfg, work, manifest, model, judge, device, out, "", config_path)
     early = _early_step(cfg)
     if early:
-        early_out = Path(cfg["pretrain"]["early"]["output"])
-        if early_output is not None:
-            early_out = early_output
+        early_out = early_output or Path(cfg["pretrain"]["early"]["output"])
         model = work / f"sd_step{early}"
         suffix = f"_step{early}"
         _write_folder(
