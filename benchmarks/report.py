@@ -13,6 +13,7 @@ import evaluation
 import generation
 import gpu
 import scale
+import startup
 from common import OUT, ROOT, machine
 
 
@@ -27,7 +28,7 @@ def table(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     t0 = time.perf_counter()
-    for module in (generation, ddpo_iteration, evaluation, scale, gpu):
+    for module in (generation, ddpo_iteration, evaluation, scale, startup, gpu):
         module.main()
     info = machine()
     lines = [
@@ -39,7 +40,7 @@ def main() -> None:
     ]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += [f"- total wall time: {time.perf_counter() - t0:.0f} s", ""]
-    for name in ("generation", "ddpo_iteration", "evaluation", "scale", "gpu"):
+    for name in ("generation", "ddpo_iteration", "evaluation", "scale", "startup", "gpu"):
         data = json.loads((OUT / f"{name}.json").read_text())
         lines += [f"## {data['title']}", "", *table(data["rows"]), ""]
         lines += [f"- {n}" for n in data["notes"]] + [""]
