@@ -73,7 +73,7 @@ def self_time_by_package(stderr: str, n: int = 8) -> list[tuple[str, float]]:
     return [(name, round(sec, 2)) for name, sec in heaviest]
 
 
-def main(repeat: int = 5) -> None:
+def main(repeat: int = 3) -> None:
     project = script_imports(SCRIPT)
     run("pass")  # warm the file cache and bytecode before timing
     run(project)
