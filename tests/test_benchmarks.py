@@ -26,6 +26,21 @@ def test_script_without_package_imports_is_named(tmp_path: Path) -> None:
     script.write_text("import os\n")
     with pytest.raises(ValueError, match="plain.py: no top-level"):
         startup.script_imports(script)
+    script.write_text("import os\nimport rl4med.prompts as p\nfrom rl4med.io import run_step\n")
+    assert startup.script_imports(script).splitlines() == [
+        "import rl4med.prompts as p",
+        "from rl4med.io import run_step",
+    ]
+
+
+def test_a_real_importtime_trace_is_read_and_a_failed_import_named() -> None:
+    seconds, trace = startup.run("import json", "-X", "importtime")
+    assert seconds > 0
+    packages = dict(startup.self_time_by_package(trace + "\n 500000 | 500000 | fake", n=50))
+    assert "json" in packages
+    assert "fake" not in packages  # only the interpreter's "import time:" lines count
+    with pytest.raises(RuntimeError, match="no_such_module_xyz"):
+        startup.run("import no_such_module_xyz")
 
 
 def test_import_time_is_summed_by_package_over_self_times() -> None:
