@@ -10,14 +10,14 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 from rl4med.io import run_step, write_table
 from rl4med.models.checks import autoencoder_check
 from rl4med.models.classifier import load_classifier
-from rl4med.models.sd import DTYPES, load_sd
+from rl4med.models.sd import inference_dtype, load_sd
 from rl4med.runtime import configure_torch, select_device
 
 
 def main() -> None:
     configure_torch(smk.threads)
     device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
-    sd = load_sd(smk.input.sd, device, DTYPES[smk.params.dtype])
+    sd = load_sd(smk.input.sd, device, inference_dtype(smk.params.dtype, device))
     clf = load_classifier(smk.input.classifier, device)
     table = autoencoder_check(
         sd,

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 
 from rl4med.evaluation.samples import generate_samples
 from rl4med.io import run_step
-from rl4med.models.sd import DTYPES, load_sd
+from rl4med.models.sd import inference_dtype, load_sd
 from rl4med.prompts import prompt_from_slug
 from rl4med.runtime import configure_torch, select_device
 
@@ -18,7 +18,7 @@ def main() -> None:
     cfg = smk.params.cfg
     configure_torch(smk.threads)
     device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
-    sd = load_sd(smk.input.model, device, DTYPES[smk.params.dtype])
+    sd = load_sd(smk.input.model, device, inference_dtype(smk.params.dtype, device))
     generate_samples(
         sd,
         prompt_from_slug(smk.wildcards.prompt),

@@ -11,7 +11,7 @@ from rl4med.figures import save_grid
 from rl4med.io import run_step, write_table
 from rl4med.models.checks import prompt_adherence, single_artifact_prompts
 from rl4med.models.classifier import load_classifier
-from rl4med.models.sd import DTYPES, load_sd
+from rl4med.models.sd import inference_dtype, load_sd
 from rl4med.runtime import configure_torch, select_device
 
 
@@ -19,7 +19,7 @@ def main() -> None:
     cfg = smk.params.cfg
     configure_torch(smk.threads)
     device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
-    sd = load_sd(smk.input.sd, device, DTYPES[smk.params.dtype])
+    sd = load_sd(smk.input.sd, device, inference_dtype(smk.params.dtype, device))
     classifiers = {
         role: load_classifier(getattr(smk.input, role), device) for role in ("reward", "judge")
     }

@@ -16,7 +16,7 @@ import startup  # noqa: E402
 def test_script_imports_are_the_entry_points_own_package_imports() -> None:
     code = startup.script_imports(REPO / "scripts" / "generate.py")
     lines = code.splitlines()
-    assert "from rl4med.models.sd import DTYPES, load_sd" in lines
+    assert "from rl4med.models.sd import inference_dtype, load_sd" in lines
     assert all(line.startswith("from rl4med") for line in lines)
     compile(code, "imports", "exec")  # what the benchmark runs must be valid source
 

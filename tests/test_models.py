@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,8 @@ FINETUNE = {
     "log_every": 1,
     "warmup_steps": 0,
 }
+# the shipped pretrained tiny SD (make pretrain-tiny): a model that draws lesions and artifacts
+PRETRAINED = Path(__file__).resolve().parents[1] / "resources" / "tiny-sd-derm64"
 CLASSIFIER = {
     "architecture": "resnet10t",
     "image_size": 32,
@@ -513,6 +516,26 @@ def test_select_by_val_loss_keeps_the_lowest_loss_epoch_and_stops_on_it(
         train_classifier(data, out / "x", out / "x.tsv", out / "y.tsv", {**cfg, "select_by": "f1"})
 
 
+@pytest.mark.parametrize(
+    "precision, native, autocast",
+    [("auto", True, True), ("auto", False, False), ("no", True, False), ("bf16", False, True)],
+)
+def test_classifier_precision_auto_follows_the_hardware(
+    data, monkeypatch, precision, native, autocast
+):
+    """auto: bf16 autocast and channels-last where bf16 is native (CPU included), else float32."""
+    monkeypatch.setattr(classifier_mod, "native_bf16", lambda device: native)
+    train_df = pd.read_csv(data)
+    run = classifier_mod._setup(
+        {**CLASSIFIER, "mixed_precision": precision}, train_df, torch.device("cpu")
+    )
+    assert run.autocast is autocast
+    conv = next(p for p in run.model.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last) is autocast
+    with pytest.raises(ValueError, match="classifier mixed_precision 'fp16'"):
+        classifier_mod._setup({**CLASSIFIER, "mixed_precision": "fp16"}, train_df, "cpu")
+
+
 def test_saved_thresholds_are_used(classifier_dir, data, tmp_path):
     from rl4med.data.images import ManifestImages
     from rl4med.data.manifest import read_manifest
@@ -642,6 +665,32 @@ def test_sampling_is_paired_and_reproducible():
     c = sample_images(sd, ["nv__ink"], [3], num_steps=3, eta=1.0)
     assert np.array_equal(c, sample_images(sd, ["nv__ink"], [3], num_steps=3, eta=1.0))
     assert not np.array_equal(c, b)
+
+
+def test_bfloat16_sampling_draws_the_float32_images_up_to_rounding():
+    """sd.dtype auto samples in bfloat16 on CPUs with AMX: the same images, paired seeds kept."""
+    prompts, seeds = ["mel__gel-ink", "nv__hair-ruler", "mel__none", "nv__ink"], [1, 2, 3, 4]
+    kw = {"num_steps": 10, "guidance_scale": 4.0, "eta": 1.0}
+    fp32 = load_sd(PRETRAINED, "cpu", torch.float32)
+    a = sample_images(fp32, prompts, seeds, **kw).astype(float)
+    b = sample_images(load_sd(PRETRAINED, "cpu", torch.bfloat16), prompts, seeds, **kw)
+    other = sample_images(fp32, prompts, [5, 6, 7, 8], **kw).astype(float)
+    # measured: 1.0 grey level apart (0.6-1.5 per image) against 28 for other seeds
+    assert np.abs(a - b).mean() < 3.0
+    assert np.abs(a - other).mean() > 10.0
+
+
+@pytest.mark.parametrize("name", ["auto", "float32", "bfloat16"])
+@pytest.mark.parametrize("native", [True, False])
+def test_sd_dtype_auto_is_bfloat16_only_where_the_device_computes_it(monkeypatch, name, native):
+    import rl4med.models.sd as sd_mod
+
+    monkeypatch.setattr(sd_mod, "native_bf16", lambda device: native)
+    got = sd_mod.inference_dtype(name, torch.device("cpu"))
+    want = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(name)
+    assert got == (want or (torch.bfloat16 if native else torch.float32))
+    with pytest.raises(ValueError, match="sd.dtype 'half': use auto or one of float32"):
+        sd_mod.inference_dtype("half", torch.device("cpu"))
 
 
 def test_autoencoder_check_reports_both_rates(classifier_dir, data):

@@ -32,7 +32,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from rl4med.evaluation.samples import generate_samples, read_samples
     from rl4med.figures import save_grid
-    from rl4med.models.sd import DTYPES, load_sd
+    from rl4med.models.sd import inference_dtype, load_sd
     from rl4med.prompts import to_prompt
     from rl4med.runtime import select_device
 
@@ -41,7 +41,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise ValueError(f"-n must be at least 1, got {args.n}")
     if args.out.suffix.lower() != ".png":
         raise ValueError(f"--out {args.out}: the grid is written as PNG; give a .png path")
-    sd = load_sd(args.model, select_device(args.device), DTYPES[args.dtype])
+    device = select_device(args.device)
+    sd = load_sd(args.model, device, inference_dtype(args.dtype, device))
     folder = args.samples_dir or args.out.with_suffix("")
     generate_samples(
         sd, prompt, args.n, args.seed, args.steps, args.guidance, args.eta, args.batch_size, folder
@@ -137,7 +138,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"])
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(

@@ -77,3 +77,18 @@ def select_device(name: str, gpus: int = 0, rule: str = "") -> torch.device:
         label = f"cpu ({torch.get_num_threads()} threads)"
     log.info("device: %s%s", label, f" (rule {rule})" if rule else "")
     return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware, so that bf16 is faster, not emulated.
+
+    CUDA GPUs from Ampere on; CPUs with AMX or AVX512-BF16, whose oneDNN kernels made the demo's
+    UNet sampling 1.7x and its classifier training 1.3-1.9x faster than float32 (README). Elsewhere
+    (older x86, most laptops) bf16 is converted in software and slower than float32.
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if device.type == "cpu":
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return False

@@ -51,6 +51,7 @@ from rl4med.data.images import (
 )
 from rl4med.data.manifest import read_manifest
 from rl4med.io import atomic_dir, write_table
+from rl4med.runtime import native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +368,7 @@ def stream_probs(
 
 # ------------------------------------------------------------------------------ training
 
-MIXED_PRECISION = ("no", "bf16")
+MIXED_PRECISION = ("no", "bf16", "auto")
 LR_SCHEDULES = ("onecycle", "cosine")
 SELECT_BY = ("val_f1", "val_loss")
 COSINE_MIN_LR = 1e-6
@@ -436,6 +437,11 @@ def _setup(cfg: Mapping[str, Any], train_df: pd.DataFrame, device: torch.device)
     """Model, loss weights, optimizer and schedule on ``device``, seeded by ``cfg['seed']``."""
     seed, size = int(cfg["seed"]), int(cfg["image_size"])
     pretrained = cfg.get("pretrained_file") or None
+    precision = str(cfg.get("mixed_precision", "auto"))
+    if precision not in MIXED_PRECISION:
+        raise ValueError(f"classifier mixed_precision {precision!r}: use one of {MIXED_PRECISION}")
+    autocast = precision == "bf16" or (precision == "auto" and native_bf16(device))
+    log.info("classifier training: %s autocast on %s", "bf16" if autocast else "no", device.type)
     spec = ClassifierSpec(
         architecture=str(cfg["architecture"]),
         image_size=size,
@@ -446,7 +452,7 @@ def _setup(cfg: Mapping[str, Any], train_df: pd.DataFrame, device: torch.device)
     )
     torch.manual_seed(seed)
     model = AttributeClassifier(spec, create_backbone(spec.architecture, pretrained)).to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" or autocast:  # CPU bf16: channels-last was up to 1.2x faster
         model = model.to(memory_format=torch.channels_last)
     y = torch.tensor(train_df[list(ATTRIBUTES)].to_numpy(), dtype=torch.float32)
     pos = y.sum(0)
@@ -472,10 +478,6 @@ def _setup(cfg: Mapping[str, Any], train_df: pd.DataFrame, device: torch.device)
         lr_sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, float(cfg["learning_rate"]), total_steps=steps, pct_start=0.15
         )
-    precision = str(cfg.get("mixed_precision", "bf16"))
-    if precision not in MIXED_PRECISION:
-        raise ValueError(f"classifier mixed_precision {precision!r}: use one of {MIXED_PRECISION}")
-    autocast = precision == "bf16" and device.type == "cuda"
     return _Training(model, opt, lr_sched, pos_weight.to(device), autocast, schedule == "onecycle")
 
 
@@ -510,7 +512,7 @@ def _train_epoch(
     for b, (images, y) in enumerate(tqdm(loader_batches(loader), total=len(loader), desc=desc)):
         gen = torch.Generator(device=dev).manual_seed(derived_seed(seed, epoch, b))
         x = augment(to_float(images, dev), gen, float(cfg["noise_max"]), float(cfg["blur_p"]))
-        if dev.type == "cuda":
+        if dev.type == "cuda" or run.autocast:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=run.autocast):
             logits = model(x)

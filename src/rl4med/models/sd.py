@@ -24,6 +24,7 @@ from rl4med.io import atomic_dir
 from rl4med.models.autoencoder import PatchAutoencoder
 from rl4med.models.tokenizer import train_prompt_tokenizer
 from rl4med.prompts import Prompt, check_template, to_prompt
+from rl4med.runtime import native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -418,3 +419,19 @@ def tiny_init_conflicts(sd: StableDiffusion, cfg: Mapping[str, Any]) -> list[str
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype of a sampling rule from config ``sd.dtype``, logged.
+
+    ``auto``: bfloat16 where the device computes it in hardware (``native_bf16``), else
+    float32. The models are trained in float32 either way; SD and SD+RL of one evaluation are
+    sampled in the same dtype, so their paired comparison stays paired.
+    """
+    if name == "auto":
+        dtype = torch.bfloat16 if native_bf16(device) else torch.float32
+        log.info("sd.dtype auto: %s on %s", str(dtype).removeprefix("torch."), device.type)
+        return dtype
+    if name not in DTYPES:
+        raise ValueError(f"sd.dtype {name!r}: use auto or one of {', '.join(DTYPES)}")
+    return DTYPES[name]
