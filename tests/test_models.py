@@ -56,6 +56,8 @@ CLASSIFIER = {
     "max_pos_weight": 10.0,
     "noise_max": 0.1,
     "blur_p": 0.1,
+    # float32 on every host (auto would be bf16 only on CPUs with AMX); bf16 is tested explicitly
+    "mixed_precision": "no",
 }
 
 
@@ -412,20 +414,27 @@ def _dies_in_epoch_2(data):
     return real_augment, dying_augment
 
 
+@pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_classifier_training_resumes_after_a_kill_and_ends_identical(
-    classifier_dir, data, tmp_path, monkeypatch, caplog
+    classifier_dir, data, tmp_path, monkeypatch, caplog, precision
 ):
+    cfg = {**CLASSIFIER, "mixed_precision": precision}
+    if precision != "no":  # the uninterrupted reference run in this precision
+        ref_dir = tmp_path / "ref"
+        refs = (ref_dir / "model", ref_dir / "test.tsv", ref_dir / "noise.tsv")
+        train_classifier(data, *refs, cfg)
+        classifier_dir = ref_dir
     real_augment, dying_augment = _dies_in_epoch_2(data)
     run = tmp_path / "run"
     outputs = (run / "model", run / "test.tsv", run / "noise.tsv")
     monkeypatch.setattr(classifier_mod, "augment", dying_augment)
     with pytest.raises(KeyboardInterrupt):
-        train_classifier(data, *outputs, CLASSIFIER, checkpoint_dir=run / "ckpt")
+        train_classifier(data, *outputs, cfg, checkpoint_dir=run / "ckpt")
     assert not (run / "model").exists()
     assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["step_00000001"]
     monkeypatch.setattr(classifier_mod, "augment", real_augment)
     with caplog.at_level("INFO"):  # resumed with DataLoader workers: the same batches
-        train_classifier(data, *outputs, CLASSIFIER, checkpoint_dir=run / "ckpt", num_workers=2)
+        train_classifier(data, *outputs, cfg, checkpoint_dir=run / "ckpt", num_workers=2)
     assert "resuming classifier training from" in caplog.text and "step_00000001" in caplog.text
     ref, again = (load_file(d / "model" / "model.safetensors") for d in (classifier_dir, run))
     assert ref.keys() == again.keys() and all(torch.equal(ref[k], again[k]) for k in ref)
@@ -678,6 +687,26 @@ def test_bfloat16_sampling_draws_the_float32_images_up_to_rounding():
     # measured: 1.0 grey level apart (0.6-1.5 per image) against 28 for other seeds
     assert np.abs(a - b).mean() < 3.0
     assert np.abs(a - other).mean() > 10.0
+
+
+def test_native_bf16_asks_the_given_gpu_and_the_cpu_flags(monkeypatch):
+    from rl4med.runtime import native_bf16
+
+    asked = []
+
+    def capability(device):
+        asked.append(device)
+        return (7, 0) if device.index == 1 else (8, 0)  # a V100 beside an A100
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    assert native_bf16(torch.device("cuda:0")) and not native_bf16(torch.device("cuda:1"))
+    assert [d.index for d in asked] == [0, 1]
+    for amx, avx512_bf16 in [(False, False), (True, False), (False, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert native_bf16(torch.device("cpu")) is (amx or avx512_bf16)
+    assert not native_bf16(torch.device("meta"))
 
 
 @pytest.mark.parametrize("name", ["auto", "float32", "bfloat16"])

@@ -267,6 +267,7 @@ def case_train_augmented(root: Path, n: int, out: Path) -> int:
         "max_pos_weight": 10.0,
         "noise_max": 0.05,
         "blur_p": 0.1,
+        "mixed_precision": "no",  # the same path on every host
     }
     manifest = root / f"aug_{n}.csv"
     outputs = (out / "model", out / "test.tsv", out / "noise.tsv")

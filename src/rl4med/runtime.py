@@ -86,8 +86,8 @@ def native_bf16(device: torch.device) -> bool:
     UNet sampling 1.7x and its classifier training 1.3-1.9x faster than float32 (README). Elsewhere
     (older x86, most laptops) bf16 is converted in software and slower than float32.
     """
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if device.type == "cuda":  # this device, not the current one (cuda:N on a mixed node)
+        return torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
         return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
