@@ -425,8 +425,9 @@ def inference_dtype(name: str, device: torch.device) -> torch.dtype:
     """The weights' dtype of a sampling rule from config ``sd.dtype``, logged.
 
     ``auto``: bfloat16 where the device computes it in hardware (``native_bf16``), else
-    float32. The models are trained in float32 either way; SD and SD+RL of one evaluation are
-    sampled in the same dtype, so their paired comparison stays paired.
+    float32. The models are trained in float32 either way. Each job decides on its own node, so
+    SD and SD+RL are sampled alike (and stay paired) where the nodes are alike; a cluster of
+    mixed hardware pins a dtype (schema, ``sd.dtype``).
     """
     if name == "auto":
         dtype = torch.bfloat16 if native_bf16(device) else torch.float32
