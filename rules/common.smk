@@ -172,6 +172,7 @@ def all_targets():
         "results/evaluation/table3.tsv",
         "results/evaluation/table4.tsv",
         "results/figures/samples",
+        "results/figures/reward_only_samples.png",
         # no DDPO log when SD+RL is the published LoRA merged
         *(["results/figures/ddpo_reward.png"] if RUN_DDPO else []),
         "results/report/summary.html",

@@ -177,6 +177,12 @@ rule evaluation_tables:
             category="Evaluation",
             labels={"table": "APR per prompt"},
         ),
+        disagreement=report(
+            "results/evaluation/classifier_disagreement.tsv",
+            caption="../report/classifier_disagreement.rst",
+            category="Evaluation",
+            labels={"table": "reward classifier vs judge, per sample"},
+        ),
         reward_vs_judge=report(
             "results/figures/reward_vs_judge.png",
             caption="../report/reward_vs_judge.rst",

@@ -30,6 +30,33 @@ rule sample_grids:
         "../scripts/sample_grids.py"
 
 
+rule reward_only_samples:
+    input:
+        scores="results/evaluation/scores_sd_rl.tsv",
+        samples=lambda wc: sample_dirs(wc, model="sd_rl"),
+    output:
+        grid=report(
+            "results/figures/reward_only_samples.png",
+            caption="../report/reward_only_samples.rst",
+            category="Evaluation",
+            labels={"figure": "SD+RL samples only the reward classifier accepts"},
+        ),
+    log:
+        "logs/report/reward_only_samples.log",
+    params:
+        per_row=config["evaluation"]["grid_samples"],
+    threads: 1
+    resources:
+        mem_mb=resource("reward_only_samples", "mem_mb"),
+        runtime=resource("reward_only_samples", "runtime"),
+    conda:
+        "../envs/torch.yaml"
+    container:
+        CONTAINER
+    script:
+        "../scripts/reward_only_samples.py"
+
+
 rule ddpo_curves:
     input:
         iterations="results/ddpo/iterations.tsv",

@@ -1,4 +1,5 @@
-"""Snakemake entry point: Tables 2 and 3, per-prompt APR, the paired SD -> SD+RL change."""
+"""Snakemake entry point: Tables 2 and 3, per-prompt APR, the paired SD -> SD+RL change, where
+the reward classifier and the judge disagree."""
 
 import sys
 from pathlib import Path
@@ -10,7 +11,14 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 import pandas as pd
 
 from rl4med.data.manifest import read_manifest
-from rl4med.evaluation.apr import apr_by_prompt, check_prompt_set, paired_change, table2, table3
+from rl4med.evaluation.apr import (
+    apr_by_prompt,
+    check_prompt_set,
+    classifier_disagreement,
+    paired_change,
+    table2,
+    table3,
+)
 from rl4med.evaluation.report import reward_vs_judge
 from rl4med.io import run_step, write_table
 
@@ -30,6 +38,7 @@ def main() -> None:
     lp = {"sd": read(inp.lpips_sd), "sd_rl": read(inp.lpips_sd_rl)}
     write_table(table3(scores, fd, lp, n_boot, seed), out.table3)
     write_table(paired_change(scores["sd"], scores["sd_rl"], n_boot, seed), out.change)
+    write_table(classifier_disagreement(scores), out.disagreement)
     reward_vs_judge(per_prompt, out.reward_vs_judge)
 
 

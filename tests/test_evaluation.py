@@ -19,6 +19,7 @@ from rl4med.data.manifest import read_manifest, write_manifest
 from rl4med.evaluation import paper
 from rl4med.evaluation.apr import (
     apr_by_prompt,
+    classifier_disagreement,
     paired_change,
     score_samples,
     table2,
@@ -53,7 +54,7 @@ from rl4med.evaluation.perceptual import (
     lpips_table,
     pair_with_real,
 )
-from rl4med.evaluation.report import prompt_grids
+from rl4med.evaluation.report import prompt_grids, reward_only_grid
 from rl4med.evaluation.samples import (
     generate_samples,
     iter_samples,
@@ -585,6 +586,71 @@ def test_prompt_grids_read_only_the_samples_they_show(tmp_path):
     with pytest.raises(ValueError, match="do not share seeds"):
         prompt_grids(sd, other, tmp_path / "g2", per_row=2)
     assert not (tmp_path / "g2").exists()
+
+
+def _two_classifiers(slugs, reward_preds, judge_preds):
+    """Per-sample scores of the same samples by a reward classifier and a judge."""
+    batch = [(np.zeros((len(slugs), 8, 8, 3), np.uint8), _index(slugs))]
+    return score_samples(
+        {"reward": FixedPredictions(reward_preds), "judge": FixedPredictions(judge_preds)}, batch
+    )
+
+
+def test_classifier_disagreement_counts_each_direction_per_artifact_and_for_apr():
+    slugs = ["mel__gel-ink"] * 3 + ["nv__none"]
+    want = np.array([prompt_from_slug(s).labels for s in slugs])
+    judge = want.copy()
+    judge[0, ATTRIBUTES.index("gel_bubbles")] = 0  # the judge misses the prompted gel
+    judge[1, ATTRIBUTES.index("ink")] = 0  # ... and the prompted ink
+    reward = want.copy()
+    reward[3, ATTRIBUTES.index("hair")] = 1  # the reward classifier sees unprompted hair
+    reward[1, 0] = 0  # a disease disagreement: not part of the table
+    table = classifier_disagreement({"sd_rl": _two_classifiers(slugs, reward, judge)})
+    every = table[table["scope"] == "all"].set_index("attribute")
+    assert list(every.index) == ["hair", "gel_bubbles", "ink", "ruler", "APR"]
+    assert (every["n"] == 4).all()
+    assert every.loc["gel_bubbles", ["reward_only", "judge_only", "agree"]].tolist() == [
+        0.25,
+        0.0,
+        0.75,
+    ]
+    assert every.loc["hair", ["reward_only", "judge_only"]].tolist() == [0.0, 0.25]
+    assert every.loc["ruler", "agree"] == 1.0
+    # APR: samples 0 and 1 only the reward classifier accepts, sample 3 only the judge
+    assert every.loc["APR", ["reward_only", "judge_only"]].tolist() == [0.5, 0.25]
+    per = table[(table["scope"] == "mel__gel-ink") & (table["attribute"] == "APR")].iloc[0]
+    assert (per["n"], per["reward_only"], per["judge_only"]) == (3, pytest.approx(2 / 3), 0.0)
+    unpaired = _two_classifiers(slugs, reward, judge).iloc[:-1]  # the judge lost a sample
+    with pytest.raises(ValueError, match="sd_rl: the reward classifier and the judge scored"):
+        classifier_disagreement({"sd_rl": unpaired})
+
+
+def test_reward_only_grid_shows_the_samples_the_judge_rejects_prompt_by_prompt(tmp_path):
+    slugs = ["mel__gel-ink"] * 3 + ["nv__ruler"] * 3 + ["nv__none"] * 2
+    want = np.array([prompt_from_slug(s).labels for s in slugs])
+    judge = want.copy()
+    judge[[0, 2], ATTRIBUTES.index("gel_bubbles")] = 0  # two gel+ink samples the judge rejects
+    judge[4, ATTRIBUTES.index("ruler")] = 0  # one ruler sample
+    scores = _two_classifiers(slugs, want, judge)
+    # as generate numbers them: samples 0, 1, ... within each prompt's folder
+    scores["sample"] = scores.groupby(["classifier", "prompt"]).cumcount()
+    folders = [
+        _sample_folder(tmp_path / slug, slug, _images(slugs.count(slug), 0))
+        for slug in dict.fromkeys(slugs)
+    ]
+    (Path(folders[2]) / "00000.png").write_bytes(b"not a png")  # nv__none: never shown
+    shown = reward_only_grid(scores, folders, tmp_path / "grid.png", per_row=3)
+    assert shown["prompt"].tolist() == ["mel__gel-ink", "nv__ruler"]
+    assert shown["reward_only"].tolist() == [2, 1]
+    assert shown["disputed"].tolist() == [["gel_bubbles"], ["ruler"]]
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size[1] == 2 * 2 * 32  # two prompts, 2x-scaled 32 px tiles
+        pixels = np.asarray(grid.convert("RGB"))
+    # the last tile of each row is padding: at most 2 and 1 samples to show
+    assert (pixels[:, -64:] == 255).all()
+    agreeing = _two_classifiers(slugs, want, want)
+    assert reward_only_grid(agreeing, folders[:2], tmp_path / "none.png", per_row=3).empty
+    assert (tmp_path / "none.png").exists()
 
 
 def test_augmentation_labels_come_from_the_prompts(tmp_path):

@@ -538,7 +538,7 @@ def test_classifier_precision_auto_follows_the_hardware(
     run = classifier_mod._setup(
         {**CLASSIFIER, "mixed_precision": precision}, train_df, torch.device("cpu")
     )
-    assert run.autocast is autocast
+    assert run.autocast is autocast and run.channels_last is autocast  # inputs as the weights
     conv = next(p for p in run.model.parameters() if p.dim() == 4)
     assert conv.is_contiguous(memory_format=torch.channels_last) is autocast
     with pytest.raises(ValueError, match="classifier mixed_precision 'fp16'"):

@@ -74,6 +74,7 @@ MODEL_JOBS = {
     "augmentation_manifest": 3,
     "table4": 1,
     "sample_grids": 1,
+    "reward_only_samples": 1,
     "ddpo_curves": 1,
     "summary": 1,
     "all": 1,
@@ -332,8 +333,28 @@ def check_showcase_document(tmp_path):
     assert re.search(r"\| ddpo \| 1 \|", doc)
     assert "stopped: max_iterations (2) reached" in doc and "After stage i, before DDPO" in doc
     assert len(pd.read_csv(tuning, sep="\t")) >= 10 and "reward hacking caught" in doc
-    for image in ("cpu-showcase-before-after.png", "cpu-showcase-reward.png"):
+    for image in (
+        "cpu-showcase-before-after.png",
+        "cpu-showcase-reward.png",
+        "cpu-showcase-reward-only.png",
+    ):
         assert f"]({image})" in doc and (out / image).stat().st_size > 2000
+    # reward classifier against judge: the workflow's table and the document's agree
+    both = pd.read_csv(tmp_path / "results/evaluation/classifier_disagreement.tsv", sep="\t")
+    apr = both[(both["scope"] == "all") & (both["attribute"] == "APR")].set_index("model")
+    scores = pd.read_csv(tmp_path / "results/evaluation/scores_sd_rl.tsv", sep="\t")
+    r, j = (
+        scores[scores["classifier"] == c].set_index(["prompt", "sample"])
+        for c in ("reward", "judge")
+    )
+    only = ((r["apr"] == 1) & (j.loc[r.index, "apr"] == 0)).mean()
+    assert apr.loc["sd_rl", "reward_only"] == pytest.approx(only)
+    assert apr.loc["sd_rl", ["agree", "reward_only", "judge_only"]].sum() == pytest.approx(1)
+    assert "## Reward classifier and judge on the same samples" in doc
+    assert (
+        f"| APR | {apr.loc['sd', 'reward_only']:.3f} | {apr.loc['sd_rl', 'reward_only']:.3f} |"
+        in doc
+    )
     # the headline numbers for tools: the run's paired changes and Table 3's FD/LPIPS
     summary = pd.read_csv(out / "cpu-showcase-summary.tsv", sep="\t").set_index("metric")
     assert list(summary.columns) == ["SD", "SD+RL", "change", "ci_low", "ci_high"]

@@ -22,7 +22,9 @@ def save_grid(
     per_row = len(images) // rows
     cols = min(per_row, max_cols)
     h, w = images.shape[1] * scale, images.shape[2] * scale
-    label_w = 8 * max((len(s) for s in labels), default=0) + 8
+    # as wide as the longest label in the font it is drawn with
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = int(max((measure.textlength(s) for s in labels), default=0)) + 8
     canvas = Image.new("RGB", (label_w + cols * w, rows * h), "white")
     draw = ImageDraw.Draw(canvas)
     for r in range(rows):

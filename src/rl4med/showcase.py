@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from rl4med.attributes import ARTIFACTS, DISPLAY_NAMES
+from rl4med.evaluation.apr import classifier_disagreement
 from rl4med.evaluation.augmentation import TRAINING_SETS, rarest_artifact
 from rl4med.evaluation.report import stop_info
 from rl4med.io import STEP_DONE, atomic_path, write_table
@@ -256,6 +257,7 @@ def write_document(
         "",
         *_headline(run, wall_seconds),
         *_per_attribute(run),
+        *_disagreement(run, name),
         *_stage_i(run.path),
         *_tables(run),
         *_figure_section(name),
@@ -276,9 +278,15 @@ def write_document(
     return doc
 
 
+REWARD_ONLY_FIGURE = "results/figures/reward_only_samples.png"
+
+
 def _figures(run: Run, out: Path, name: str) -> None:
-    """The reward curve as the run drew it, and a before/after grid of the rare artifacts."""
+    """The reward curve as the run drew it, a before/after grid of the rare artifacts, and the
+    samples only the reward classifier accepts (runs before that rule have none)."""
     shutil.copyfile(run.path / "results/figures/ddpo_reward.png", out / f"{name}-reward.png")
+    if (run.path / REWARD_ONLY_FIGURE).exists():
+        shutil.copyfile(run.path / REWARD_ONLY_FIGURE, out / f"{name}-reward-only.png")
     grids = [run.path / f"results/figures/samples/{slug}.png" for slug in GRID_PROMPTS]
     stack_images([g for g in grids if g.exists()], out / f"{name}-before-after.png")
 
@@ -380,6 +388,48 @@ def _per_attribute(run: Run) -> list[str]:
         "",
         markdown_table(rates),
         "",
+    ]
+
+
+def _disagreement(run: Run, name: str, top: int = 6) -> list[str]:
+    """Where the reward classifier and the judge disagree on the same samples, and (where the
+    run drew it) the SD+RL samples only the reward classifier accepts."""
+    table = classifier_disagreement({"SD": run.sd, "SD+RL": run.rl})
+    every = table[table["scope"] == "all"].pivot(
+        index="attribute", columns="model", values=["reward_only", "judge_only"]
+    )
+    every = every.reindex([*ARTIFACTS, "APR"])
+    every.columns = [f"{what} {model}" for what, model in every.columns]
+    every.insert(0, "attribute", [DISPLAY_NAMES.get(a, a) for a in every.index])
+    apr = table[(table["attribute"] == "APR") & (table["scope"] != "all")]
+    worst = apr[apr["model"] == "SD+RL"].nlargest(top, "reward_only", keep="first")
+    worst = worst[["scope", "n", "reward_only", "judge_only"]].rename(columns={"scope": "prompt"})
+    figure = Path(run.path / REWARD_ONLY_FIGURE).exists()
+    return [
+        "## Reward classifier and judge on the same samples",
+        "",
+        "Share of samples on which only the reward classifier (reward_only) or only the judge "
+        "(judge_only) says the attribute is as prompted; APR: all 4 artifacts. DDPO cannot "
+        "raise the judge-confirmed APR on reward_only samples: its reward is already met there.",
+        "",
+        markdown_table(every.reset_index(drop=True)),
+        "",
+        f"The {top} prompts of SD+RL with the most reward_only APR samples:",
+        "",
+        markdown_table(worst.reset_index(drop=True)),
+        "",
+        *(
+            [
+                "SD+RL samples the reward classifier counts in APR and the judge does not (rows: "
+                "the prompts with most; where the disputed artifact is drawn, the judge has a "
+                "blind spot, where it is missing, the reward classifier was hacked):",
+                "",
+                f"![reward-only samples]({name}-reward-only.png)",
+                "",
+            ]
+            if figure
+            else []
+        ),
     ]
 
 

@@ -133,6 +133,51 @@ def paired_change(
     return pd.DataFrame(rows)
 
 
+DISAGREEMENT_COLUMNS = {**{f"match_{a}": a for a in ARTIFACTS}, "apr": "APR"}
+"""Per-sample indicator -> its row name in the reward-vs-judge table: the 4 artifacts, APR."""
+
+
+def classifier_disagreement(scores: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Where the reward classifier and the judge disagree on the same samples.
+
+    Per model, scope (``all`` and each prompt) and artifact (and APR): ``n`` samples, the share
+    on which both agree, ``reward_only`` (the reward classifier says as prompted, the judge
+    not) and ``judge_only`` (the reverse). ``reward_only`` is what DDPO cannot fix: its reward
+    is already satisfied. Whether it is reward hacking (the artifact is not there) or a blind
+    spot of the judge (it is) only the samples tell: look at them (``reward_only_grid``).
+    Samples a classifier cannot score (NaN, the authors' 4-head judge) are left out.
+    """
+    keys = ["prompt", "sample"]
+    rows = []
+    for model, df in scores.items():
+        by = {c: df[df["classifier"] == c].set_index(keys) for c in ("reward", "judge")}
+        if by["reward"].empty or by["judge"].empty:
+            raise ValueError(f"{model}: scores of both the reward classifier and the judge needed")
+        r, j = by["reward"].align(by["judge"], join="inner")
+        if len(r) != len(by["reward"]) or len(r) != len(by["judge"]):
+            raise ValueError(f"{model}: the reward classifier and the judge scored other samples")
+        prompts = r.index.get_level_values("prompt").to_numpy()
+        for col, name in DISAGREEMENT_COLUMNS.items():
+            rv, jv = r[col].to_numpy(float), j[col].to_numpy(float)
+            ok = ~(np.isnan(rv) | np.isnan(jv))
+            for scope in ["all", *dict.fromkeys(prompts)]:
+                sel = ok & ((prompts == scope) if scope != "all" else True)
+                a, b = rv[sel] == 1, jv[sel] == 1
+                n = int(sel.sum())
+                rows.append(
+                    {
+                        "model": model,
+                        "scope": scope,
+                        "attribute": name,
+                        "n": n,
+                        "agree": float((a == b).mean()) if n else np.nan,
+                        "reward_only": float((a & ~b).mean()) if n else np.nan,
+                        "judge_only": float((~a & b).mean()) if n else np.nan,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
 def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% percentile interval of a mean."""
     values = np.asarray(values, float)

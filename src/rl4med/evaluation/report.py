@@ -1,5 +1,6 @@
 """Figures and the one-page summary of the report: reward curves, reward-vs-judge APR, sample
-grids per prompt (SD above SD+RL, same noise), Tables 1-4 beside the paper's numbers."""
+grids per prompt (SD above SD+RL, same noise), the samples only the reward classifier accepts,
+Tables 1-4 beside the paper's numbers."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from rl4med.attributes import ATTRIBUTES  # noqa: E402
+from rl4med.attributes import ARTIFACTS, ATTRIBUTES  # noqa: E402
 from rl4med.evaluation import paper  # noqa: E402
 from rl4med.figures import save_grid  # noqa: E402
 from rl4med.io import atomic_dir, atomic_path  # noqa: E402
@@ -125,6 +127,52 @@ def prompt_grids(
                 path=Path(tmp) / f"{slug}.png",
                 max_cols=per_row,
             )
+
+
+def reward_only_grid(
+    scores: pd.DataFrame,
+    folders: Sequence[str | os.PathLike[str]],
+    path: str | os.PathLike[str],
+    per_row: int,
+    max_rows: int = 4,
+) -> pd.DataFrame:
+    """Samples the reward classifier counts in APR and the judge does not, one row per prompt
+    (the prompts with most such samples first), labelled with the artifacts the judge disputes.
+
+    These are what DDPO cannot improve (its reward is satisfied) and what the judge-confirmed
+    APR leaves out: reward hacking where the artifact is missing, a blind spot of the judge
+    where it is drawn. A person tells which from this grid. ``scores``: one model's per-sample
+    scores (score_samples); ``folders``: its sample folders. Returns the rows shown.
+    """
+    from rl4med.evaluation.samples import read_image, read_images, sample_index
+
+    keys = ["prompt", "sample"]
+    r = scores[scores["classifier"] == "reward"].set_index(keys)
+    j = scores[scores["classifier"] == "judge"].set_index(keys)
+    r, j = r.align(j, join="inner")
+    index = sample_index(folders).set_index(keys)
+    hit = (r["apr"] == 1) & (j["apr"] == 0)
+    counts = hit.groupby(level="prompt", sort=False).agg(["sum", "size"])
+    counts = counts[counts["sum"] > 0].sort_values("sum", ascending=False, kind="stable")
+    shown, images, labels = [], [], []
+    for slug, (k, n) in counts.head(max_rows).iterrows():
+        chosen = hit[hit].xs(slug, level="prompt", drop_level=False).index[:per_row]
+        disputed = [
+            a
+            for a in ARTIFACTS
+            if ((r.loc[chosen, f"match_{a}"] == 1) & (j.loc[chosen, f"match_{a}"] == 0)).any()
+        ]
+        labels.append(f"{slug}: {k} of {n}; judge disputes {', '.join(disputed)}")
+        tiles = read_images(index.loc[chosen, "path"].tolist())
+        blank = np.full((per_row - len(tiles), *tiles.shape[1:]), 255, np.uint8)
+        images.append(np.concatenate([tiles, blank]))
+        shown.append({"prompt": slug, "reward_only": int(k), "n": int(n), "disputed": disputed})
+    if not images:  # nothing to show: say so on a blank tile of the samples' size
+        tile = read_image(index["path"].iloc[0])
+        images = [np.full((1, *tile.shape), 255, np.uint8)]
+        labels = ["none: the judge confirms every sample the reward classifier accepts"]
+    save_grid(np.concatenate(images), len(labels), labels, path, max_cols=per_row)
+    return pd.DataFrame(shown, columns=["prompt", "reward_only", "n", "disputed"])
 
 
 def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> pd.DataFrame:

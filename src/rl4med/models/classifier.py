@@ -424,6 +424,8 @@ class _Training:
     lr_sched: torch.optim.lr_scheduler.LRScheduler
     pos_weight: torch.Tensor
     autocast: bool
+    # channels-last inputs, as the model: on CUDA, and on CPUs under bf16 autocast (up to 1.2x)
+    channels_last: bool = False
     per_batch_schedule: bool = True
     epoch: int = 0
     # the selection score of the kept epoch, larger is better: val mean F1, or -val loss
@@ -452,7 +454,8 @@ def _setup(cfg: Mapping[str, Any], train_df: pd.DataFrame, device: torch.device)
     )
     torch.manual_seed(seed)
     model = AttributeClassifier(spec, create_backbone(spec.architecture, pretrained)).to(device)
-    if device.type == "cuda" or autocast:  # CPU bf16: channels-last was up to 1.2x faster
+    channels_last = device.type == "cuda" or autocast  # CPU bf16: up to 1.2x faster
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     y = torch.tensor(train_df[list(ATTRIBUTES)].to_numpy(), dtype=torch.float32)
     pos = y.sum(0)
@@ -478,7 +481,15 @@ def _setup(cfg: Mapping[str, Any], train_df: pd.DataFrame, device: torch.device)
         lr_sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, float(cfg["learning_rate"]), total_steps=steps, pct_start=0.15
         )
-    return _Training(model, opt, lr_sched, pos_weight.to(device), autocast, schedule == "onecycle")
+    return _Training(
+        model,
+        opt,
+        lr_sched,
+        pos_weight.to(device),
+        autocast,
+        channels_last,
+        per_batch_schedule=schedule == "onecycle",
+    )
 
 
 def _resume(run: _Training, checkpoint_dir: str | Path | None, run_id: str) -> None:
@@ -512,7 +523,7 @@ def _train_epoch(
     for b, (images, y) in enumerate(tqdm(loader_batches(loader), total=len(loader), desc=desc)):
         gen = torch.Generator(device=dev).manual_seed(derived_seed(seed, epoch, b))
         x = augment(to_float(images, dev), gen, float(cfg["noise_max"]), float(cfg["blur_p"]))
-        if dev.type == "cuda" or run.autocast:
+        if run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=run.autocast):
             logits = model(x)
