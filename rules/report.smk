@@ -1,5 +1,6 @@
 # The report's figures and summary page: sample grids per prompt (SD above SD+RL, same noise),
-# DDPO reward curves with the stopping iteration, Tables 1-4 beside the paper, the config.
+# the SD+RL samples only the reward classifier accepts, DDPO reward curves with the stopping
+# iteration, Tables 1-4 beside the paper, the config.
 
 
 rule sample_grids:

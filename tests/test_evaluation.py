@@ -629,28 +629,41 @@ def test_reward_only_grid_shows_the_samples_the_judge_rejects_prompt_by_prompt(t
     slugs = ["mel__gel-ink"] * 3 + ["nv__ruler"] * 3 + ["nv__none"] * 2
     want = np.array([prompt_from_slug(s).labels for s in slugs])
     judge = want.copy()
-    judge[[0, 2], ATTRIBUTES.index("gel_bubbles")] = 0  # two gel+ink samples the judge rejects
-    judge[4, ATTRIBUTES.index("ruler")] = 0  # one ruler sample
+    judge[[0, 2], ATTRIBUTES.index("gel_bubbles")] = 0  # the judge misses the prompted gel
+    judge[4, ATTRIBUTES.index("ruler")] = 0  # ... the prompted ruler
+    judge[5, ATTRIBUTES.index("hair")] = 1  # ... and sees hair nobody asked for
     scores = _two_classifiers(slugs, want, judge)
     # as generate numbers them: samples 0, 1, ... within each prompt's folder
     scores["sample"] = scores.groupby(["classifier", "prompt"]).cumcount()
-    folders = [
-        _sample_folder(tmp_path / slug, slug, _images(slugs.count(slug), 0))
-        for slug in dict.fromkeys(slugs)
-    ]
+    images = {slug: _images(slugs.count(slug), k) for k, slug in enumerate(dict.fromkeys(slugs))}
+    folders = [_sample_folder(tmp_path / slug, slug, im) for slug, im in images.items()]
     (Path(folders[2]) / "00000.png").write_bytes(b"not a png")  # nv__none: never shown
     shown = reward_only_grid(scores, folders, tmp_path / "grid.png", per_row=3)
     assert shown["prompt"].tolist() == ["mel__gel-ink", "nv__ruler"]
-    assert shown["reward_only"].tolist() == [2, 1]
-    assert shown["disputed"].tolist() == [["gel_bubbles"], ["ruler"]]
+    assert shown["reward_only"].tolist() == [2, 2]
+    assert shown["judge_misses"].tolist() == [["gel_bubbles"], ["ruler"]]
+    assert shown["judge_sees"].tolist() == [[], ["hair"]]
     with Image.open(tmp_path / "grid.png") as grid:
-        assert grid.size[1] == 2 * 2 * 32  # two prompts, 2x-scaled 32 px tiles
         pixels = np.asarray(grid.convert("RGB"))
-    # the last tile of each row is padding: at most 2 and 1 samples to show
-    assert (pixels[:, -64:] == 255).all()
+    assert pixels.shape[0] == 2 * 2 * 32  # two prompts, 2x-scaled 32 px tiles
+
+    def tile(row, col):  # the 32 px sample of a grid cell, counted from the right edge
+        x = pixels.shape[1] - (3 - col) * 64
+        return pixels[row * 64 : (row + 1) * 64 : 2, x : x + 64 : 2]
+
+    # the samples the judge rejects, in sample order, then white padding
+    assert (tile(0, 0) == images["mel__gel-ink"][0]).all()
+    assert (tile(0, 1) == images["mel__gel-ink"][2]).all()
+    assert (tile(1, 0) == images["nv__ruler"][1]).all()
+    assert (tile(1, 1) == images["nv__ruler"][2]).all()
+    assert (tile(0, 2) == 255).all() and (tile(1, 2) == 255).all()
     agreeing = _two_classifiers(slugs, want, want)
+    agreeing["sample"] = agreeing.groupby(["classifier", "prompt"]).cumcount()
     assert reward_only_grid(agreeing, folders[:2], tmp_path / "none.png", per_row=3).empty
     assert (tmp_path / "none.png").exists()
+    with pytest.raises(ValueError, match="the reward classifier and the judge scored other"):
+        reward_only_grid(scores.iloc[1:], folders, tmp_path / "bad.png", per_row=3)
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_augmentation_labels_come_from_the_prompts(tmp_path):

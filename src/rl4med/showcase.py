@@ -26,7 +26,6 @@ import pandas as pd
 from PIL import Image
 
 from rl4med.attributes import ARTIFACTS, DISPLAY_NAMES
-from rl4med.evaluation.apr import classifier_disagreement
 from rl4med.evaluation.augmentation import TRAINING_SETS, rarest_artifact
 from rl4med.evaluation.report import stop_info
 from rl4med.io import STEP_DONE, atomic_path, write_table
@@ -394,6 +393,8 @@ def _per_attribute(run: Run) -> list[str]:
 def _disagreement(run: Run, name: str, top: int = 6) -> list[str]:
     """Where the reward classifier and the judge disagree on the same samples, and (where the
     run drew it) the SD+RL samples only the reward classifier accepts."""
+    from rl4med.evaluation.apr import classifier_disagreement  # pulls in torch: only here
+
     table = classifier_disagreement({"SD": run.sd, "SD+RL": run.rl})
     every = table[table["scope"] == "all"].pivot(
         index="attribute", columns="model", values=["reward_only", "judge_only"]
@@ -404,13 +405,14 @@ def _disagreement(run: Run, name: str, top: int = 6) -> list[str]:
     apr = table[(table["attribute"] == "APR") & (table["scope"] != "all")]
     worst = apr[apr["model"] == "SD+RL"].nlargest(top, "reward_only", keep="first")
     worst = worst[["scope", "n", "reward_only", "judge_only"]].rename(columns={"scope": "prompt"})
-    figure = Path(run.path / REWARD_ONLY_FIGURE).exists()
+    figure = (run.path / REWARD_ONLY_FIGURE).exists()
     return [
         "## Reward classifier and judge on the same samples",
         "",
         "Share of samples on which only the reward classifier (reward_only) or only the judge "
-        "(judge_only) says the attribute is as prompted; APR: all 4 artifacts. DDPO cannot "
-        "raise the judge-confirmed APR on reward_only samples: its reward is already met there.",
+        "(judge_only) says the attribute is as prompted; APR: all 4 artifacts. On reward_only "
+        "samples DDPO's reward already counts the artifacts as right, so it pushes no further "
+        "towards what the judge wants.",
         "",
         markdown_table(every.reset_index(drop=True)),
         "",
@@ -421,8 +423,9 @@ def _disagreement(run: Run, name: str, top: int = 6) -> list[str]:
         *(
             [
                 "SD+RL samples the reward classifier counts in APR and the judge does not (rows: "
-                "the prompts with most; where the disputed artifact is drawn, the judge has a "
-                "blind spot, where it is missing, the reward classifier was hacked):",
+                "the 4 prompts with most; the label says which artifacts the judge misses or "
+                "sees unprompted; where the image agrees with the reward classifier, the judge "
+                "has a blind spot, else the reward classifier was hacked):",
                 "",
                 f"![reward-only samples]({name}-reward-only.png)",
                 "",

@@ -137,33 +137,40 @@ DISAGREEMENT_COLUMNS = {**{f"match_{a}": a for a in ARTIFACTS}, "apr": "APR"}
 """Per-sample indicator -> its row name in the reward-vs-judge table: the 4 artifacts, APR."""
 
 
+def paired_classifiers(scores: pd.DataFrame, model: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One model's scores by the reward classifier and by the judge, indexed by (prompt,
+    sample) in the same order; an error unless both scored exactly the same samples."""
+    keys = ["prompt", "sample"]
+    r, j = (scores[scores["classifier"] == c].set_index(keys) for c in ("reward", "judge"))
+    if r.empty or j.empty:
+        raise ValueError(f"{model}: scores of both the reward classifier and the judge needed")
+    unique = r.index.is_unique and j.index.is_unique
+    if not unique or len(r) != len(j) or not r.index.isin(j.index).all():
+        raise ValueError(f"{model}: the reward classifier and the judge scored other samples")
+    return r, j.loc[r.index]
+
+
 def classifier_disagreement(scores: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     """Where the reward classifier and the judge disagree on the same samples.
 
-    Per model, scope (``all`` and each prompt) and artifact (and APR): ``n`` samples, the share
-    on which both agree, ``reward_only`` (the reward classifier says as prompted, the judge
-    not) and ``judge_only`` (the reverse). ``reward_only`` is what DDPO cannot fix: its reward
-    is already satisfied. Whether it is reward hacking (the artifact is not there) or a blind
-    spot of the judge (it is) only the samples tell: look at them (``reward_only_grid``).
-    Samples a classifier cannot score (NaN, the authors' 4-head judge) are left out.
+    Per model, scope (``all``, then each prompt) and artifact (then APR): ``n`` samples, the
+    share on which both agree, ``reward_only`` (the reward classifier says as prompted, the
+    judge not) and ``judge_only`` (the reverse). On ``reward_only`` samples DDPO's reward
+    already counts the artifacts as right, so it pushes no further towards what the judge wants.
+    Whether the judge or the reward classifier is wrong there only the samples tell: look at
+    them (``reward_only_grid``). Samples a classifier cannot score (NaN, the authors' 4-head
+    judge) are left out.
     """
-    keys = ["prompt", "sample"]
     rows = []
     for model, df in scores.items():
-        by = {c: df[df["classifier"] == c].set_index(keys) for c in ("reward", "judge")}
-        if by["reward"].empty or by["judge"].empty:
-            raise ValueError(f"{model}: scores of both the reward classifier and the judge needed")
-        r, j = by["reward"].align(by["judge"], join="inner")
-        if len(r) != len(by["reward"]) or len(r) != len(by["judge"]):
-            raise ValueError(f"{model}: the reward classifier and the judge scored other samples")
+        r, j = paired_classifiers(df, model)
         prompts = r.index.get_level_values("prompt").to_numpy()
-        for col, name in DISAGREEMENT_COLUMNS.items():
-            rv, jv = r[col].to_numpy(float), j[col].to_numpy(float)
-            ok = ~(np.isnan(rv) | np.isnan(jv))
-            for scope in ["all", *dict.fromkeys(prompts)]:
-                sel = ok & ((prompts == scope) if scope != "all" else True)
-                a, b = rv[sel] == 1, jv[sel] == 1
-                n = int(sel.sum())
+        for scope in ["all", *dict.fromkeys(prompts)]:
+            in_scope = np.ones(len(r), bool) if scope == "all" else prompts == scope
+            for col, name in DISAGREEMENT_COLUMNS.items():
+                rv, jv = r[col].to_numpy(float), j[col].to_numpy(float)
+                sel = in_scope & ~(np.isnan(rv) | np.isnan(jv))
+                a, b, n = rv[sel] == 1, jv[sel] == 1, int(sel.sum())
                 rows.append(
                     {
                         "model": model,

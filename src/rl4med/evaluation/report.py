@@ -21,6 +21,7 @@ from rl4med.attributes import ARTIFACTS, ATTRIBUTES  # noqa: E402
 from rl4med.evaluation import paper  # noqa: E402
 from rl4med.figures import save_grid  # noqa: E402
 from rl4med.io import atomic_dir, atomic_path  # noqa: E402
+from rl4med.prompts import prompt_from_slug  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: str | os.PathLike[str]) -> None:
@@ -136,43 +137,60 @@ def reward_only_grid(
     per_row: int,
     max_rows: int = 4,
 ) -> pd.DataFrame:
-    """Samples the reward classifier counts in APR and the judge does not, one row per prompt
-    (the prompts with most such samples first), labelled with the artifacts the judge disputes.
+    """Samples the reward classifier counts in APR and the judge does not: one row for each of
+    the ``max_rows`` prompts with most such samples, labelled with what the judge disputes.
 
-    These are what DDPO cannot improve (its reward is satisfied) and what the judge-confirmed
-    APR leaves out: reward hacking where the artifact is missing, a blind spot of the judge
-    where it is drawn. A person tells which from this grid. ``scores``: one model's per-sample
-    scores (score_samples); ``folders``: its sample folders. Returns the rows shown.
+    The judge either misses a prompted artifact or sees one the prompt does not ask for. On
+    these samples DDPO's reward is met, and the judge-confirmed APR leaves them out. A person
+    tells from the grid who is wrong: the judge (a blind spot) or the reward classifier (hacked).
+    ``scores``: one model's per-sample scores (score_samples); ``folders``: its sample folders.
+    Returns the rows shown.
     """
+    # here, not at the top: the scores' and samples' readers pull in torch
+    from rl4med.evaluation.apr import paired_classifiers
     from rl4med.evaluation.samples import read_image, read_images, sample_index
 
-    keys = ["prompt", "sample"]
-    r = scores[scores["classifier"] == "reward"].set_index(keys)
-    j = scores[scores["classifier"] == "judge"].set_index(keys)
-    r, j = r.align(j, join="inner")
-    index = sample_index(folders).set_index(keys)
+    r, j = paired_classifiers(scores, "the samples of the grid")
+    index = sample_index(folders).set_index(["prompt", "sample"])
     hit = (r["apr"] == 1) & (j["apr"] == 0)
     counts = hit.groupby(level="prompt", sort=False).agg(["sum", "size"])
     counts = counts[counts["sum"] > 0].sort_values("sum", ascending=False, kind="stable")
     shown, images, labels = [], [], []
     for slug, (k, n) in counts.head(max_rows).iterrows():
         chosen = hit[hit].xs(slug, level="prompt", drop_level=False).index[:per_row]
+        asked = dict(zip(ATTRIBUTES, prompt_from_slug(slug).labels, strict=True))
         disputed = [
             a
             for a in ARTIFACTS
             if ((r.loc[chosen, f"match_{a}"] == 1) & (j.loc[chosen, f"match_{a}"] == 0)).any()
         ]
-        labels.append(f"{slug}: {k} of {n}; judge disputes {', '.join(disputed)}")
+        misses = [a for a in disputed if asked[a]]
+        sees = [a for a in disputed if not asked[a]]
+        what = [f"judge misses {', '.join(misses)}"] * bool(misses)
+        what += [f"judge sees unprompted {', '.join(sees)}"] * bool(sees)
+        labels.append(f"{slug}: {k} of {n}; {'; '.join(what)}")
         tiles = read_images(index.loc[chosen, "path"].tolist())
         blank = np.full((per_row - len(tiles), *tiles.shape[1:]), 255, np.uint8)
         images.append(np.concatenate([tiles, blank]))
-        shown.append({"prompt": slug, "reward_only": int(k), "n": int(n), "disputed": disputed})
+        shown.append(
+            {
+                "prompt": slug,
+                "reward_only": int(k),
+                "n": int(n),
+                "judge_misses": misses,
+                "judge_sees": sees,
+            }
+        )
     if not images:  # nothing to show: say so on a blank tile of the samples' size
         tile = read_image(index["path"].iloc[0])
         images = [np.full((1, *tile.shape), 255, np.uint8)]
-        labels = ["none: the judge confirms every sample the reward classifier accepts"]
+        labels = [
+            "none: the judge gives no APR"
+            if j["apr"].isna().all()
+            else "none: the judge confirms every sample the reward classifier accepts"
+        ]
     save_grid(np.concatenate(images), len(labels), labels, path, max_cols=per_row)
-    return pd.DataFrame(shown, columns=["prompt", "reward_only", "n", "disputed"])
+    return pd.DataFrame(shown, columns=["prompt", "reward_only", "n", "judge_misses", "judge_sees"])
 
 
 def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> pd.DataFrame:
