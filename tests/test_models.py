@@ -817,3 +817,43 @@ def test_lora_finetune_changes_only_adapters_and_saves_a_plain_unet(data, tmp_pa
     assert set(state) == set(base)  # merged: no lora_A/lora_B keys left
     changed = [k for k in base if not torch.equal(state[k], base[k])]
     assert changed and all("attn" in k for k in changed)  # only attention projections moved
+
+
+def test_balanced_order_draws_rare_label_combinations_more_often():
+    """balance_power 0: every image once (the unbalanced order); 1: every combination alike."""
+    from rl4med.data.images import balanced_order, epoch_order
+
+    labels = np.array([[1, 0, 0, 0, 0, 0]] * 90 + [[1, 0, 1, 1, 1, 1]] * 10)  # 10% crowded
+    plain = balanced_order(labels, seed=3, epoch=2, power=0)
+    assert (plain == epoch_order(100, 3, 2)).all() and sorted(plain) == list(range(100))
+    draws = np.concatenate([balanced_order(labels, 3, e, power=1.0) for e in range(50)])
+    crowded = (draws >= 90).mean()
+    assert len(draws) == 5000 and 0.45 < crowded < 0.55  # one half each
+    half = np.concatenate([balanced_order(labels, 3, e, power=0.5) for e in range(50)])
+    assert 0.2 < (half >= 90).mean() < 0.3  # sqrt: 10 * 10**-0.5 / (10**0.5 + 90**0.5) = 0.25
+    again = balanced_order(labels, 3, 7, power=1.0)
+    assert (again == balanced_order(labels, 3, 7, power=1.0)).all()  # a function of seed, epoch
+    assert not (again == balanced_order(labels, 3, 8, power=1.0)).all()
+
+
+def test_classifier_epochs_follow_balance_power(data, monkeypatch):
+    """The training epoch reads the balanced order: crowded images more often with power 1."""
+    seen = {}
+
+    def spy(df, size, bs, workers, dev, order, drop_last):
+        seen["order"] = np.asarray(order)
+        raise StopIteration  # the order is all this test needs
+
+    monkeypatch.setattr(classifier_mod, "manifest_loader", spy)
+    train_df = pd.read_csv(data)
+    train_df = train_df[train_df["split"] == "train"].reset_index(drop=True)
+    crowded = train_df[["hair", "gel_bubbles", "ink", "ruler"]].sum(axis=1).to_numpy() >= 2
+    shares = {}
+    for power in (0.0, 1.0):
+        cfg = {**CLASSIFIER, "balance_power": power}
+        run = classifier_mod._setup(cfg, train_df, torch.device("cpu"))
+        with pytest.raises(StopIteration):
+            classifier_mod._train_epoch(run, train_df, cfg, 0)
+        shares[power] = crowded[seen["order"]].mean()
+    assert shares[0.0] == pytest.approx(crowded.mean())  # every image once
+    assert shares[1.0] > 1.5 * shares[0.0]

@@ -105,6 +105,19 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def balanced_order(labels: np.ndarray, seed: int, epoch: int, power: float) -> np.ndarray:
+    """An epoch of ``len(labels)`` draws with replacement, each image drawn with probability
+    proportional to (images sharing its label combination) ** -``power``: 0 is uniform, 1 gives
+    every combination the same share. Rare combinations (three or four artifacts in one image)
+    are seen more often; a function of (seed, epoch) only, as ``epoch_order``."""
+    if power == 0:
+        return epoch_order(len(labels), seed, epoch)
+    _, group, counts = np.unique(labels, axis=0, return_inverse=True, return_counts=True)
+    weights = counts[group.reshape(-1)].astype(np.float64) ** -float(power)
+    rng = np.random.default_rng([seed, epoch, 1])
+    return rng.choice(len(labels), size=len(labels), replace=True, p=weights / weights.sum())
+
+
 def manifest_loader(
     df: pd.DataFrame,
     size: int,

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from rl4med.attributes import ATTRIBUTES
 from rl4med.checkpoint import file_digest, fingerprint, load_latest_checkpoint, save_checkpoint
 from rl4med.data.images import (
-    epoch_order,
+    balanced_order,
     loader_batches,
     manifest_loader,
     to_float,
@@ -513,7 +513,8 @@ def _train_epoch(
     seed, bs, epoch = int(cfg["seed"]), int(cfg["batch_size"]), run.epoch
     model, dev = run.model, run.model.mean.device
     torch.manual_seed(derived_seed(seed, epoch))  # dropout-like layers: the same on resume
-    order = epoch_order(len(train_df), seed, epoch)
+    labels = train_df[list(ATTRIBUTES)].to_numpy()
+    order = balanced_order(labels, seed, epoch, float(cfg.get("balance_power", 0.0)))
     loader = manifest_loader(
         train_df, int(cfg["image_size"]), bs, num_workers, dev, order, drop_last=True
     )
