@@ -509,7 +509,8 @@ def _resume(run: _Training, checkpoint_dir: str | Path | None, run_id: str) -> N
 def _train_epoch(
     run: _Training, train_df: pd.DataFrame, cfg: Mapping[str, Any], num_workers: int
 ) -> float:
-    """One pass over the training split in the epoch's seeded order; the mean loss."""
+    """One epoch (as many images as the training split) in its seeded order, each image once or,
+    with ``balance_power``, rare label combinations drawn more often; the mean loss."""
     seed, bs, epoch = int(cfg["seed"]), int(cfg["batch_size"]), run.epoch
     model, dev = run.model, run.model.mean.device
     torch.manual_seed(derived_seed(seed, epoch))  # dropout-like layers: the same on resume
