@@ -165,10 +165,13 @@ def classifier_disagreement(scores: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     for model, df in scores.items():
         r, j = paired_classifiers(df, model)
         prompts = r.index.get_level_values("prompt").to_numpy()
+        pairs = {
+            col: (r[col].to_numpy(float), j[col].to_numpy(float)) for col in DISAGREEMENT_COLUMNS
+        }
         for scope in ["all", *dict.fromkeys(prompts)]:
             in_scope = np.ones(len(r), bool) if scope == "all" else prompts == scope
             for col, name in DISAGREEMENT_COLUMNS.items():
-                rv, jv = r[col].to_numpy(float), j[col].to_numpy(float)
+                rv, jv = pairs[col]
                 sel = in_scope & ~(np.isnan(rv) | np.isnan(jv))
                 a, b, n = rv[sel] == 1, jv[sel] == 1, int(sel.sum())
                 rows.append(
