@@ -25,12 +25,44 @@ help:
 	@echo "make dryrun  dry-run the demo and the paper-scale (ISIC2019) configs"
 	@echo "make lint    ruff and snakemake --lint"
 
-# torch and torchvision first, pinned: pip takes both from this machine's disk, and an unpinned
-# torch pulled in by another package would download other CUDA builds.
+# torch and torchvision first, pinned: the installer takes both from this machine's disk, and
+# an unpinned torch pulled in by another package would download other CUDA builds.
+# INSTALLER=uv (default): uv, pip-installed into the venv first, unpacks torch's CUDA wheels in
+# parallel: the whole install took 41 s instead of pip's 150 s on 2 cores (fresh venv and cache,
+# bytecode compiled as pip does). uv does not read pip's configuration, so the indexes,
+# find-links and constraints pip is configured with (`pip config list`) are handed to it, and
+# it takes the best version over all indexes, as pip does. INSTALLER=pip: pip alone.
+INSTALLER ?= uv
+UV_VERSION := 0.13.9
+TORCH_PINS := "torch==2.14.1" "torchvision==0.29.1"
+define UV_FROM_PIP
+import ast, subprocess, sys
+out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+flags = {"index-url": "--index-url", "extra-index-url": "--extra-index-url",
+         "find-links": "--find-links", "constraint": "--constraint"}
+args = []
+for line in out.splitlines():
+    key, _, value = line.partition("=")
+    name = key.rsplit(".", 1)[-1]
+    for v in ast.literal_eval(value).split() if name in flags and value else []:
+        if [flags[name], v] not in [args[i : i + 2] for i in range(0, len(args), 2)]:
+            args += [flags[name], v]
+print(" ".join(args))
+endef
+export UV_FROM_PIP
+
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+ifeq ($(INSTALLER),uv)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"
+	uv_args="--python $(BIN)/python --compile-bytecode --index-strategy unsafe-best-match \
+		$$($(BIN)/python -c "$$UV_FROM_PIP")"; \
+	$(BIN)/uv pip install -q $$uv_args $(TORCH_PINS) && \
+	$(BIN)/uv pip install -q $$uv_args -e ".[test]"
+else
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PINS)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test]"
+endif
 	@touch $@
 
 setup: $(STAMP)

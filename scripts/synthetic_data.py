@@ -11,7 +11,9 @@ from rl4med.data.synthetic import generate_dataset
 from rl4med.io import run_step
 
 run_step(
-    lambda: generate_dataset(smk.params.cfg, smk.output.images, smk.output.manifest),
+    lambda: generate_dataset(
+        smk.params.cfg, smk.output.images, smk.output.manifest, workers=smk.threads
+    ),
     smk.log[0],
     rule=smk.rule,
 )

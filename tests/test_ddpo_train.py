@@ -375,6 +375,23 @@ def test_new_stage_i_weights_start_a_new_run(tmp_path):
     assert calls  # the old checkpoint was not resumed
 
 
+def test_auto_precision_follows_the_hardware(monkeypatch, caplog):
+    """``auto`` becomes bf16 where the device computes bf16 natively, else no; the explicit
+    settings are left alone."""
+    auto = Settings.from_config({**DDPO, "mixed_precision": "auto"})
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(ddpo_module, "native_bf16", lambda device: True)
+    with caplog.at_level(logging.INFO, logger="rl4med.ddpo.train"):
+        assert ddpo_module.resolve_precision(auto, cpu).mixed_precision == "bf16"
+    assert "ddpo.mixed_precision auto: bf16 on cpu" in caplog.text
+    monkeypatch.setattr(ddpo_module, "native_bf16", lambda device: False)
+    assert ddpo_module.resolve_precision(auto, cpu).mixed_precision == "no"
+    explicit = Settings.from_config({**DDPO, "mixed_precision": "bf16"})
+    assert ddpo_module.resolve_precision(explicit, cpu).mixed_precision == "bf16"
+    with pytest.raises(ValueError, match="use no, fp16, bf16 or auto"):
+        Settings.from_config({**DDPO, "mixed_precision": "fp8"})
+
+
 def test_settings_name_the_bad_key():
     with pytest.raises(ValueError, match="quote"):
         Settings.from_config({**DDPO, "mixed_precision": False})  # YAML's bare `no`
