@@ -53,16 +53,19 @@ export UV_FROM_PIP
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-ifeq ($(INSTALLER),uv)
-	$(BIN)/python -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"
-	uv_args="--python $(BIN)/python --compile-bytecode --index-strategy unsafe-best-match \
-		$$($(BIN)/python -c "$$UV_FROM_PIP")"; \
-	$(BIN)/uv pip install -q $$uv_args $(TORCH_PINS) && \
-	$(BIN)/uv pip install -q $$uv_args -e ".[test]"
-else
-	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PINS)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test]"
-endif
+	@if [ "$(INSTALLER)" = uv ] && \
+		$(BIN)/python -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"; then \
+		uv_args="--python $(BIN)/python --compile-bytecode --index-strategy unsafe-best-match \
+			$$($(BIN)/python -c "$$UV_FROM_PIP")"; \
+		echo "uv pip install $$uv_args $(TORCH_PINS), then -e .[test]"; \
+		$(BIN)/uv pip install -q $$uv_args $(TORCH_PINS); \
+		$(BIN)/uv pip install -q $$uv_args -e ".[test]"; \
+	else \
+		[ "$(INSTALLER)" = pip ] || echo "uv $(UV_VERSION) could not be installed: pip installs" >&2; \
+		echo "pip install $(TORCH_PINS), then -e .[test]"; \
+		$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PINS); \
+		$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test]"; \
+	fi
 	@touch $@
 
 setup: $(STAMP)
