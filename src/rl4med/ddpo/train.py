@@ -449,10 +449,11 @@ def _iteration(run: _Run, reward_fn: RewardFn, iteration: int) -> dict[str, Any]
     stats = _update(run, traj, adv, gen)
     times = {
         "seconds": round(time.perf_counter() - t0, 2),
-        # where an iteration's time goes (benchmarks/ddpo_iteration.py)
-        "sample_seconds": round(t_sample, 3),
-        "reward_seconds": round(t_score + t2 - t1, 3),
-        "update_seconds": round(time.perf_counter() - t2, 3),
+        # where an iteration's time goes (benchmarks/ddpo_iteration.py, gpu_check.py); to the
+        # microsecond: scoring 2 trajectories with a tiny classifier takes under a millisecond
+        "sample_seconds": round(t_sample, 6),
+        "reward_seconds": round(t_score + t2 - t1, 6),
+        "update_seconds": round(time.perf_counter() - t2, 6),
     }
     return _record(run, iteration + 1, reward, matches, slugs, stats, times)
 
