@@ -40,14 +40,13 @@ import ast, subprocess, sys
 out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
 flags = {"index-url": "--index-url", "extra-index-url": "--extra-index-url",
          "find-links": "--find-links", "constraint": "--constraint"}
-args = []
+pairs = []
 for line in out.splitlines():
     key, _, value = line.partition("=")
     name = key.rsplit(".", 1)[-1]
-    for v in ast.literal_eval(value).split() if name in flags and value else []:
-        if [flags[name], v] not in [args[i : i + 2] for i in range(0, len(args), 2)]:
-            args += [flags[name], v]
-print(" ".join(args))
+    if name in flags and value:
+        pairs += [(flags[name], v) for v in ast.literal_eval(value).split()]
+print(" ".join(f"{flag} {v}" for flag, v in dict.fromkeys(pairs)))
 endef
 export UV_FROM_PIP
 

@@ -20,7 +20,8 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -458,10 +459,10 @@ def label_model_from_config(cfg: Mapping[str, Any]) -> LabelModel:
     )
 
 
-def _write_block(
-    seed: int, start: int, ids: list[str], labels: np.ndarray, size: int, folder: Path
-) -> None:
-    """Render and save one scene block: the same images in any process and in any order."""
+def _write_block(block: tuple[int, int, list[str], np.ndarray, int, Path]) -> None:
+    """Render and save one scene block (seed, first index, image ids, labels, size, folder):
+    the same images in any process and in any order."""
+    seed, start, ids, labels, size, folder = block
     # one generator per block of images: the same scenes at every image size
     scene = sample_scene(np.random.default_rng([seed, 1, start // SCENE_BLOCK]), len(ids))
     step = chunk_size(size)
@@ -498,29 +499,26 @@ def generate_dataset(
         2, "split", stratified_split(labels, cfg.get("splits", TABLE1_SPLIT_FRACTIONS), seed)
     )
 
-    starts = range(0, n, SCENE_BLOCK)
-    blocks = [
-        (
-            seed,
-            start,
-            labels["image_id"].iloc[start : start + SCENE_BLOCK].tolist(),
-            labels[list(ATTRIBUTES)].iloc[start : start + SCENE_BLOCK].to_numpy(),
-            size,
-        )
-        for start in starts
-    ]
-    with atomic_dir(out_dir) as tmp:
-        bar = tqdm(total=len(blocks), desc="synthetic images", unit="block")
-        if workers > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for done in as_completed([pool.submit(_write_block, *b, tmp) for b in blocks]):
-                    done.result()
-                    bar.update(1)
-        else:
-            for b in blocks:
-                _write_block(*b, tmp)
-                bar.update(1)
-        bar.close()
+    with (
+        atomic_dir(out_dir) as tmp,
+        ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool,
+    ):
+        blocks = [
+            (
+                seed,
+                start,
+                labels["image_id"].iloc[start : start + SCENE_BLOCK].tolist(),
+                labels[list(ATTRIBUTES)].iloc[start : start + SCENE_BLOCK].to_numpy(),
+                size,
+                tmp,
+            )
+            for start in range(0, n, SCENE_BLOCK)
+        ]
+        run = map if pool is None else pool.map
+        for _ in tqdm(
+            run(_write_block, blocks), total=len(blocks), desc="synthetic images", unit="block"
+        ):
+            pass
     write_manifest(labels, manifest)
     log.info("generated %d images of %d px in %.1f s", n, size, time.perf_counter() - t0)
     return labels
