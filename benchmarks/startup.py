@@ -8,6 +8,10 @@ torch, the diffusers UNet and VAE, the transformers CLIP text encoder. Goal: pro
 comes from ``python -X importtime`` of the project's imports, summed by package. Snakemake's
 ``script:`` preamble (``snakemake.script``, about 0.1 s here) comes on top of both alike.
 
+A job also pays at its end: the interpreter's teardown frees every module. The entry points end
+with ``rl4med.io.end_process`` instead (``run_step(..., end=True)``); "project, ended" is the
+project's imports followed by it. Goal: project, ended / project <= 0.85.
+
     .venv/bin/python benchmarks/startup.py
 """
 
@@ -83,12 +87,20 @@ def main(repeat: int = 3) -> None:
     project = script_imports(SCRIPT)
     run("pass")  # warm the file cache and bytecode before timing
     run(project)
-    times: dict[str, list[float]] = {"python": [], "torch": [], "floor": [], "project": []}
+    ended = project + "\nfrom rl4med.io import end_process\nend_process()"
+    times: dict[str, list[float]] = {
+        "python": [],
+        "torch": [],
+        "floor": [],
+        "project": [],
+        "project, ended": [],
+    }
     for _ in range(repeat):  # interleaved, so a busy moment on the machine hits each alike
         times["python"].append(run("pass")[0])
         times["torch"].append(run("import torch")[0])
         times["floor"].append(run(FLOOR)[0])
         times["project"].append(run(project)[0])
+        times["project, ended"].append(run(ended)[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = [
         {"imports": k, "median_s": round(v, 2), "vs_floor": round(v / med["floor"], 3)}
@@ -102,6 +114,8 @@ def main(repeat: int = 3) -> None:
         rows,
         [
             "goal: project / floor <= 1.1 (the package adds no import of its own)",
+            "goal: project, ended / project <= 0.85 (end_process skips the interpreter's "
+            f"teardown: {med['project'] - med['project, ended']:.2f} s less per job)",
             f"project = the top-level rl4med imports of {SCRIPT.relative_to(ROOT.parent)}; "
             "floor = torch + diffusers UNet/VAE + transformers CLIP text model",
             f"own import time by package (-X importtime, self times summed): {heavy}",

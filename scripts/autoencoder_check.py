@@ -29,4 +29,4 @@ def main() -> None:
     write_table(table, smk.output.table)
 
 
-run_step(main, smk.log[0], rule=smk.rule)
+run_step(main, smk.log[0], rule=smk.rule, end=True)

@@ -31,4 +31,4 @@ def main() -> None:
     sd.save_pretrained(smk.output.model)
 
 
-run_step(main, smk.log[0], rule=smk.rule)
+run_step(main, smk.log[0], rule=smk.rule, end=True)

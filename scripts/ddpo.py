@@ -32,4 +32,4 @@ def main() -> None:
     run("ddpo", args, int(smk.params.processes))
 
 
-run_step(main, smk.log[0], rule=smk.rule)
+run_step(main, smk.log[0], rule=smk.rule, end=True)

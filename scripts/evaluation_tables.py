@@ -42,4 +42,4 @@ def main() -> None:
     reward_vs_judge(per_prompt, out.reward_vs_judge)
 
 
-run_step(main, smk.log[0], rule=smk.rule)
+run_step(main, smk.log[0], rule=smk.rule, end=True)

@@ -32,4 +32,4 @@ def main() -> None:
     logging.getLogger("rl4med").info("%s", table.to_string(index=False))
 
 
-run_step(main, smk.log[0], rule=smk.rule)
+run_step(main, smk.log[0], rule=smk.rule, end=True)

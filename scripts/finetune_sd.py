@@ -34,4 +34,4 @@ def main() -> None:
     run("finetune", args, int(smk.params.processes))
 
 
-run_step(main, smk.log[0], rule=smk.rule)
+run_step(main, smk.log[0], rule=smk.rule, end=True)

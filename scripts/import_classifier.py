@@ -16,4 +16,4 @@ def main() -> None:
     import_authors_classifier(smk.params.checkpoint, smk.output.model, int(smk.params.heads))
 
 
-run_step(main, smk.log[0], rule=smk.rule)
+run_step(main, smk.log[0], rule=smk.rule, end=True)

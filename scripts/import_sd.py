@@ -15,4 +15,4 @@ def main() -> None:
     import_sd(smk.params.base, smk.params.unet, smk.output.model, int(smk.params.image_size))
 
 
-run_step(main, smk.log[0], rule=smk.rule)
+run_step(main, smk.log[0], rule=smk.rule, end=True)

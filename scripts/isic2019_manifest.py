@@ -14,4 +14,5 @@ run_step(
     lambda: build_isic_manifest(smk.params.cfg, smk.output.manifest, smk.output.missing),
     smk.log[0],
     rule=smk.rule,
+    end=True,
 )

@@ -15,4 +15,4 @@ def main() -> None:
     merge_published_lora(smk.input.sd, smk.params.lora, smk.output.model)
 
 
-run_step(main, smk.log[0], rule=smk.rule)
+run_step(main, smk.log[0], rule=smk.rule, end=True)

@@ -25,4 +25,4 @@ def main() -> None:
     logging.getLogger("rl4med").info("prompts shown:\n%s", shown.to_string(index=False))
 
 
-run_step(main, smk.log[0], rule=smk.rule)
+run_step(main, smk.log[0], rule=smk.rule, end=True)

@@ -23,4 +23,4 @@ def main() -> None:
     summary_html({**tables, "config": config}, smk.output.html)
 
 
-run_step(main, smk.log[0], rule=smk.rule)
+run_step(main, smk.log[0], rule=smk.rule, end=True)

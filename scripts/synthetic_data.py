@@ -16,4 +16,5 @@ run_step(
     ),
     smk.log[0],
     rule=smk.rule,
+    end=True,
 )

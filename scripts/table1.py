@@ -14,4 +14,5 @@ run_step(
     lambda: write_table1(smk.input.manifest, smk.output.table, smk.input.get("missing")),
     smk.log[0],
     rule=smk.rule,
+    end=True,
 )

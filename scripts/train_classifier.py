@@ -27,4 +27,4 @@ def main() -> None:
     )
 
 
-run_step(main, smk.log[0], rule=smk.rule)
+run_step(main, smk.log[0], rule=smk.rule, end=True)

@@ -1,6 +1,10 @@
 """The showcase document's readers: job times from logs, per-artifact rates, missing outputs."""
 
 import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,6 +25,37 @@ def test_run_step_logs_its_time_and_rule_and_rule_times_sums_them(tmp_path):
     # process age: at least the time this test process has lived, so > 0
     assert (times["job_seconds"] > 0).all()
     assert times.loc["generate", "longest"] <= times.loc["generate", "job_seconds"]
+
+
+def test_a_step_that_ends_its_process_still_runs_threads_exit_handlers_and_logs(tmp_path):
+    """end=True skips only the interpreter's teardown: a non-daemon thread finishes, atexit
+    handlers run, the log is complete, nothing after run_step runs, and the exit code is 0."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    script = textwrap.dedent(
+        f"""
+        import atexit, sys, threading, time
+        sys.path.insert(0, {str(src)!r})
+        from pathlib import Path
+        from rl4med.io import run_step
+        out = Path({str(tmp_path)!r})
+        atexit.register(lambda: (out / "atexit").write_text("ran"))
+        def slow():
+            time.sleep(0.3)
+            (out / "thread").write_text("done")
+        def step():
+            threading.Thread(target=slow).start()
+            print("stdout line", end="")  # unflushed: a pipe is block-buffered
+        run_step(step, out / "job.log", rule="generate", end=True)
+        (out / "after").write_text("must not run")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "stdout line"
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert not (tmp_path / "after").exists()
+    assert f"{STEP_DONE} " in (tmp_path / "job.log").read_text()
 
 
 def test_rule_times_names_the_folder_without_finished_jobs(tmp_path):
