@@ -52,6 +52,8 @@ if SD_KIND == "tiny":
         params:
             tiny=config["sd"]["tiny"],
             init=lambda wildcards, input: "scratch" if TINY_INIT == "scratch" else input.init,
+        # the start of the critical path (build -> stage i -> DDPO), as finetune_sd
+        priority: 10
         threads: 1
         resources:
             mem_mb=resource("build_sd", "mem_mb"),
@@ -139,7 +141,8 @@ if not PUBLISHED:
             checkpoints=lambda wc: f"results/checkpoints/classifier_{wc.role}",
         wildcard_constraints:
             role="reward|judge",
-        priority: 2
+        # DDPO waits for the reward classifier, only the evaluation for the judge
+        priority: lambda wc: 3 if wc.role == "reward" else 1
         threads: resource("train_classifier", "cpus")
         resources:
             mem_mb=resource("train_classifier", "mem_mb"),
