@@ -10,6 +10,9 @@ if DATA_SOURCE == "synthetic":
             "logs/data/synthetic_data.log",
         params:
             cfg=config["data"]["synthetic"],
+        # every job waits for the data: before build_sd (priority 10), which would otherwise
+        # hold one core while the data's 2 processes wait for both
+        priority: 20
         threads: resource("synthetic_data", "cpus")
         resources:
             mem_mb=resource("synthetic_data", "mem_mb"),

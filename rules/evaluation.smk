@@ -238,7 +238,6 @@ rule train_augmented:
     output:
         model=temp(directory("results/augmentation/{aug}/seed{seed}/classifier")),
         metrics="results/augmentation/{aug}/seed{seed}/test.tsv",
-        noise="results/augmentation/{aug}/seed{seed}/noise.tsv",
     log:
         "logs/augmentation/{aug}_seed{seed}.log",
     params:

@@ -237,7 +237,7 @@ def test_generated_samples_are_paired_by_prompt_and_index(tmp_path):
     a = generate_samples(sd, prompt, out_dir=tmp_path / "a", **args)
     b = generate_samples(other, prompt, out_dir=tmp_path / "b", **args)
     generate_samples(sd, prompt, out_dir=tmp_path / "c", **args)
-    assert a["seed"].tolist() == b["seed"].tolist() == sample_seeds(prompt, 3, 1)
+    assert [r["seed"] for r in a] == [r["seed"] for r in b] == sample_seeds(prompt, 3, 1)
     assert (
         len(set(sample_seeds(prompt, 3, 1)) & set(sample_seeds(prompt_from_slug("nv__none"), 3, 1)))
         == 0
@@ -249,6 +249,10 @@ def test_generated_samples_are_paired_by_prompt_and_index(tmp_path):
     assert np.array_equal(img_a, img_c)  # batch split (2 + 1) does not change a sample
     assert not np.array_equal(img_a, img_b)
     assert idx["file"].tolist() == ["00000.png", "00001.png", "00002.png"]
+    # the index is read back as written: the prompt, each sample's number and seed
+    assert idx[["prompt", "sample", "seed"]].to_dict("records") == [
+        {k: r[k] for k in ("prompt", "sample", "seed")} for r in a
+    ]
     with pytest.raises(ValueError, match="at least 1"):
         generate_samples(sd, prompt, out_dir=tmp_path / "d", **{**args, "n": 0})
     assert not (tmp_path / "d").exists()

@@ -442,6 +442,13 @@ def test_classifier_training_resumes_after_a_kill_and_ends_identical(
         assert (run / name).read_text() == (classifier_dir / name).read_text(), name
     # a finished run's checkpoint says so: a re-run only rewrites the outputs
     assert sorted(p.name for p in (run / "ckpt").iterdir())[-1] == "step_00000003"
+    # ... and without a noise-robustness path (Table 4's runs) it writes none, same test metrics
+    again = run / "again"
+    train_classifier(
+        data, again / "model", again / "test.tsv", None, cfg, checkpoint_dir=run / "ckpt"
+    )
+    assert (again / "test.tsv").read_text() == (run / "test.tsv").read_text()
+    assert sorted(p.name for p in again.iterdir()) == ["model", "test.tsv"]
 
 
 def _recording_validation(monkeypatch, losses=None):

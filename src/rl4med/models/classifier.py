@@ -619,7 +619,7 @@ def train_classifier(
     manifest_path: str | Path,
     out_dir: str | Path,
     metrics_tsv: str | Path,
-    robustness_tsv: str | Path,
+    robustness_tsv: str | Path | None,
     cfg: Mapping[str, Any],
     *,
     device: torch.device | str | None = None,
@@ -634,6 +634,7 @@ def train_classifier(
     batches live on ``device``; ``num_workers`` DataLoader processes decode the images; with
     ``checkpoint_dir`` every epoch is checkpointed and a re-run resumes from the last one (the
     batches and augmentations of an epoch depend only on (seed, epoch, batch)).
+    ``robustness_tsv`` None: no noise-robustness table (Table 4's runs: nothing reads it).
     """
     device = torch.device(device or "cpu")
     t0 = time.perf_counter()
@@ -669,7 +670,7 @@ def _finish(
     cfg: Mapping[str, Any],
     out_dir: str | Path,
     metrics_tsv: str | Path,
-    robustness_tsv: str | Path,
+    robustness_tsv: str | Path | None,
     workers: int,
 ) -> pd.DataFrame:
     """Best weights, thresholds tuned on validation, the classifier saved, test metrics and the
@@ -705,8 +706,9 @@ def _finish(
         ignore_index=True,
     )
     write_table(metrics[list(METRIC_COLUMNS)], metrics_tsv)
-    val_batches = loader_batches(manifest_loader(val_df, size, bs, workers, dev))
-    write_table(robustness(model, val_batches, int(spec.seed)), robustness_tsv)
+    if robustness_tsv is not None:
+        val_batches = loader_batches(manifest_loader(val_df, size, bs, workers, dev))
+        write_table(robustness(model, val_batches, int(spec.seed)), robustness_tsv)
     return metrics
 
 
