@@ -106,7 +106,7 @@ def end_process() -> NoReturn:
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # CPython's own call at exit (logging.shutdown among them)
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         with contextlib.suppress(Exception):  # a closed or absent stream has nothing to flush
             stream.flush()
