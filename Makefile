@@ -87,7 +87,8 @@ showcase: setup
 		--report $(abspath $(SHOWCASE))/results/report.html; \
 	echo $$(( $$(date +%s) - start )) > $(SHOWCASE)/wall_seconds
 	$(BIN)/python -m rl4med.showcase --run-dir $(SHOWCASE) --out-dir docs/results \
-		--wall-seconds $$(cat $(SHOWCASE)/wall_seconds) --tuning docs/results/cpu-showcase-tuning.tsv
+		--wall-seconds $$(cat $(SHOWCASE)/wall_seconds) --tuning docs/results/cpu-showcase-tuning.tsv \
+		--labels docs/results/labels-by-eye.tsv
 	@echo "showcase: docs/results/cpu-showcase.md, report: $(SHOWCASE)/results/report.html"
 
 # the pretrained tiny SD that the demo's stage i fine-tunes (config/pretrain-tiny.yaml), with its

@@ -32,6 +32,7 @@ def validate_config(cfg):
 
 validate_config(config)
 
+from rl4med.evaluation.judges import check_panel
 from rl4med.prompts import all_slugs
 from rl4med.sweep import BASELINE, expand_grid
 
@@ -44,6 +45,25 @@ if _unknown:
         f"Invalid config at key 'evaluation.prompts': unknown prompt slugs {_unknown}; "
         f"the 32 slugs are {', '.join(PROMPT_SLUGS)}"
     )
+
+# The judge panel (evaluation.judges): every judge scores every sample; the headline is the
+# panel's smallest gain. A judge of the reward's architecture is refused unless allowed.
+try:
+    PANEL = check_panel(
+        config["classifier"],
+        config["evaluation"]["judges"],
+        config["evaluation"]["allow_reward_architecture"],
+    )
+except ValueError as err:
+    raise WorkflowError(f"Invalid config: {err}") from None
+JUDGES = list(PANEL)
+CLASSIFIERS = ["reward", *JUDGES]
+
+
+def classifier_dirs(names=CLASSIFIERS):
+    """Classifier name -> its folder, for a rule's named inputs."""
+    return {name: f"results/models/classifier_{name}" for name in names}
+
 
 # Apptainer image of all rules with --sdm apptainer (a .sif path or a docker URI); null = none
 CONTAINER = config["container"]
@@ -167,7 +187,7 @@ def all_targets():
         MANIFEST,
         TABLE1,
         "results/models/sd",
-        expand("results/models/classifier_{role}", role=["reward", "judge"]),
+        expand("results/models/classifier_{role}", role=CLASSIFIERS),
         "results/metrics/autoencoder_check.tsv",
         "results/models/sd_rl",
         "results/evaluation/table2.tsv",
@@ -175,6 +195,7 @@ def all_targets():
         "results/evaluation/table4.tsv",
         "results/figures/samples",
         "results/figures/reward_only_samples.png",
+        "results/evaluation/judge_panel.tsv",
         # no DDPO log when SD+RL is the published LoRA merged
         *(["results/figures/ddpo_reward.png"] if RUN_DDPO else []),
         "results/report/summary.html",

@@ -39,13 +39,14 @@ rule generate:
 rule score_samples:
     input:
         samples=sample_dirs,
-        reward="results/models/classifier_reward",
-        judge="results/models/classifier_judge",
+        # the reward classifier and every judge of the panel, in CLASSIFIERS' order
+        classifiers=list(classifier_dirs().values()),
     output:
         scores="results/evaluation/scores_{model}.tsv",
     log:
         "logs/evaluation/score_samples_{model}.log",
     params:
+        names=CLASSIFIERS,
         device=config["sd"]["device"],
         batch_size=config["evaluation"]["batch_size"],
     threads: resource("score_samples", "cpus")
@@ -282,3 +283,50 @@ rule table4:
         CONTAINER
     script:
         "../scripts/table4.py"
+
+
+rule judge_panel:
+    input:
+        scores_sd="results/evaluation/scores_sd.tsv",
+        scores_sd_rl="results/evaluation/scores_sd_rl.tsv",
+        change="results/evaluation/apr_change.tsv",
+        # each trained judge's accuracy on the real test split (an imported one has none)
+        tests=[f"results/metrics/classifier_{j}_test.tsv" for j in JUDGES if j in TRAINED_CLASSIFIERS],
+        sd=lambda wc: sample_dirs(wc, model="sd"),
+        sd_rl=lambda wc: sample_dirs(wc, model="sd_rl"),
+    output:
+        panel=report(
+            "results/evaluation/judge_panel.tsv",
+            caption="../report/judge_panel.rst",
+            category="Evaluation",
+            labels={"table": "judge panel: each judge's change, the smallest gain"},
+        ),
+        disagreement=report(
+            "results/evaluation/judge_disagreement.tsv",
+            caption="../report/judge_disagreement.rst",
+            category="Evaluation",
+            labels={"table": "where the judges disagree"},
+        ),
+        grid=report(
+            "results/figures/judge_disagreement.png",
+            caption="../report/judge_disagreement_grid.rst",
+            category="Evaluation",
+            labels={"figure": "samples the judges disagree on"},
+        ),
+    log:
+        "logs/evaluation/judge_panel.log",
+    params:
+        architectures={name: cfg["architecture"] for name, cfg in PANEL.items()},
+        reward_architecture=config["classifier"]["reward"]["architecture"],
+        tested=[j for j in JUDGES if j in TRAINED_CLASSIFIERS],
+        per_row=config["evaluation"]["grid_samples"],
+    threads: 1
+    resources:
+        mem_mb=resource("judge_panel", "mem_mb"),
+        runtime=resource("judge_panel", "runtime"),
+    conda:
+        "../envs/torch.yaml"
+    container:
+        CONTAINER
+    script:
+        "../scripts/judge_panel.py"

@@ -115,6 +115,12 @@ if not PUBLISHED:
             "../scripts/finetune_sd.py"
 
 
+# the classifiers trained here: the reward and every judge, or with the authors' published
+# weights only the judges beyond their H4 (rules/published.smk imports H6 and H4)
+TRAINED_CLASSIFIERS = [c for c in CLASSIFIERS if not (PUBLISHED and c in ("reward", "judge"))]
+
+if TRAINED_CLASSIFIERS:
+
     rule train_classifier:
         input:
             manifest=MANIFEST,
@@ -140,8 +146,8 @@ if not PUBLISHED:
             # kept outside the outputs so a killed job resumes from its last epoch
             checkpoints=lambda wc: f"results/checkpoints/classifier_{wc.role}",
         wildcard_constraints:
-            role="reward|judge",
-        # DDPO waits for the reward classifier, only the evaluation for the judge
+            role="|".join(TRAINED_CLASSIFIERS),
+        # DDPO waits for the reward classifier, only the evaluation for the judges
         priority: lambda wc: 3 if wc.role == "reward" else 1
         threads: resource("train_classifier", "cpus")
         resources:

@@ -95,6 +95,7 @@ rule summary:
         table3="results/evaluation/table3.tsv",
         table4="results/evaluation/table4.tsv",
         apr_change="results/evaluation/apr_change.tsv",
+        judge_panel="results/evaluation/judge_panel.tsv",
     output:
         html=report(
             "results/report/summary.html",

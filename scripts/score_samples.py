@@ -1,5 +1,5 @@
 """Snakemake entry point: r_A, APR's and exact6's indicators and attribute matches of one
-model's samples."""
+model's samples, by the reward classifier and every judge of the panel."""
 
 import sys
 from pathlib import Path
@@ -21,7 +21,8 @@ def main() -> None:
     configure_torch(smk.threads)
     device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
     classifiers = {
-        role: load_classifier(getattr(smk.input, role), device) for role in ("reward", "judge")
+        name: load_classifier(path, device)
+        for name, path in zip(smk.params.names, smk.input.classifiers, strict=True)
     }
     batches = iter_samples(list(smk.input.samples), int(smk.params.batch_size), smk.threads)
     scores = score_samples(classifiers, batches)

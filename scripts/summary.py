@@ -18,7 +18,7 @@ def main() -> None:
     write_table(config, smk.output.config)
     tables = {
         name: pd.read_csv(getattr(smk.input, name), sep="\t")
-        for name in ("table1", "table2", "table3", "table4", "apr_change")
+        for name in ("table1", "table2", "table3", "table4", "apr_change", "judge_panel")
     }
     summary_html({**tables, "config": config}, smk.output.html)
 

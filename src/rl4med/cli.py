@@ -97,6 +97,55 @@ def cmd_score(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_label_sheet(args: argparse.Namespace) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from rl4med.attributes import ARTIFACTS
+    from rl4med.evaluation.panel import LABEL_COLUMNS, image_digest, pick_for_labels
+    from rl4med.evaluation.samples import read_images, sample_index
+    from rl4med.figures import save_captioned_grid
+    from rl4med.io import write_table
+
+    run = args.run_dir
+    scores = {}
+    for model in ("sd", "sd_rl"):
+        path = run / f"results/evaluation/scores_{model}.tsv"
+        if not path.is_file():
+            raise ValueError(f"{path}: missing; label sheets need a finished run")
+        scores[model] = pd.read_csv(path, sep="\t")
+    judges = [c for c in dict.fromkeys(scores["sd"]["classifier"]) if c != "reward"]
+    if len(judges) < 2:
+        raise ValueError(f"{run}: the run has {len(judges)} judge(s); a panel needs 2 or more")
+    picked = pick_for_labels(scores, judges, args.pairs)
+    # shuffled, so that the person labelling cannot tell SD from SD+RL by the order
+    picked = picked.sample(frac=1.0, random_state=args.seed).reset_index(drop=True)
+    paths = []
+    for model, prompt, sample in picked[["model", "prompt", "sample"]].itertuples(index=False):
+        index = sample_index([run / "results/samples" / model / prompt])
+        path = index.loc[index["sample"] == sample, "path"].iloc[0]
+        paths.append(str(Path(path).relative_to(run)))
+    table = picked.assign(
+        sample_path=paths,
+        note="",
+        image_sha256=[image_digest(run / p) for p in paths],
+        **{a: "" for a in ARTIFACTS},
+    )
+    write_table(table[LABEL_COLUMNS], args.out)
+    args.sheets.mkdir(parents=True, exist_ok=True)
+    per_sheet = args.cols * args.rows
+    for start in range(0, len(table), per_sheet):
+        part = table.iloc[start : start + per_sheet]
+        images = read_images([run / p for p in part["sample_path"]])
+        captions = [[f"row {start + k + 2}"] for k in range(len(part))]
+        sheet = args.sheets / f"sheet_{start // per_sheet + 1:02d}.png"
+        save_captioned_grid(np.asarray(images), captions, sheet, cols=args.cols, scale=args.scale)
+    print(
+        f"{len(table)} samples to label: {args.out} (rows as numbered on the sheets in "
+        f"{args.sheets}/); fill hair, gel_bubbles, ink, ruler with 1 or 0"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="rl4med", description=__doc__.splitlines()[0])
     sub = top.add_subparsers(dest="command", required=True)
@@ -154,6 +203,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "label-sheet",
+        help="pick samples the judges disagree on, for labelling by eye",
+        description="From a finished run with a judge panel, pick paired samples (SD and SD+RL "
+        "from the same noise) on which the judges disagree most, write a labels TSV to fill "
+        "(hair, gel_bubbles, ink, ruler: 1 or 0) and contact sheets of the samples enlarged, "
+        "numbered by their TSV row, in shuffled order and without model, prompt or verdicts, so "
+        "that labelling is blind.",
+    )
+    p.add_argument("--run-dir", required=True, type=Path, help="the workflow folder of the run")
+    p.add_argument("--pairs", type=int, default=64, help="paired samples (64: 128 images)")
+    p.add_argument("--out", type=Path, default=Path("labels-by-eye.tsv"))
+    p.add_argument("--sheets", type=Path, default=Path("label-sheets"))
+    p.add_argument("--cols", type=int, default=4)
+    p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--scale", type=int, default=6, help="enlargement of each sample (6)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffled order")
+    p.set_defaults(func=cmd_label_sheet)
     return top
 
 

@@ -27,7 +27,8 @@ from PIL import Image
 
 from rl4med.attributes import ARTIFACTS, DISPLAY_NAMES
 from rl4med.evaluation.augmentation import TRAINING_SETS, rarest_artifact
-from rl4med.evaluation.report import stop_info
+from rl4med.evaluation.panel import PANEL_MIN, label_accuracy, labels_of_run, read_labels
+from rl4med.evaluation.report import panel_headline, stop_info
 from rl4med.io import STEP_DONE, atomic_path, write_table
 from rl4med.prompts import all_prompts, prompt_from_slug
 
@@ -155,6 +156,14 @@ class Run:
     table4: pd.DataFrame
     iterations: pd.DataFrame
     config: pd.DataFrame
+    panel: pd.DataFrame  # each judge's change and the smallest gain (judge_panel.tsv)
+    judge_disagreement: pd.DataFrame
+
+    @property
+    def judges(self) -> list[str]:
+        """The panel's judges in its order (the paper's judge first)."""
+        names = self.panel.loc[self.panel["judge"] != PANEL_MIN, "judge"]
+        return list(dict.fromkeys(names))
 
     @property
     def settings(self) -> dict[str, str]:
@@ -181,47 +190,47 @@ def read_run(run_dir: str | os.PathLike[str]) -> Run:
         table4=_read(run, f"{ev}/table4.tsv"),
         iterations=_read(run, "results/ddpo/iterations.tsv"),
         config=_read(run, "results/report/config.tsv"),
+        panel=_read(run, f"{ev}/judge_panel.tsv"),
+        judge_disagreement=_read(run, f"{ev}/judge_disagreement.tsv"),
     )
 
 
-SUMMARY_METRICS = {
-    # row name -> (classifier, metric of apr_change.tsv)
-    "APR_judge": ("judge", "APR"),
-    "APR_reward": ("reward", "APR"),
-    "exact6_judge": ("judge", "exact6"),
-    "exact6_reward": ("reward", "exact6"),
-    "r_A_judge": ("judge", "r_A"),
-    "r_A_reward": ("reward", "r_A"),
-}
+SUMMARY_METRICS = ("APR", "exact6", "r_A")
+"""Metrics of apr_change.tsv in the summary, each per judge, panel_min and the reward."""
 
 
 def summary_table(run: Run) -> pd.DataFrame:
-    """The headline numbers for tools: metric, SD, SD+RL, change, ci_low, ci_high.
+    """The headline numbers for tools: metric, judge, SD, SD+RL, change, ci_low, ci_high.
 
     APR, exact6 and r_A are fractions (0-1) with the paired 95% bootstrap interval of the
-    change; FD (or FID) and LPIPS are the metric's values, change = SD+RL - SD, no interval
-    (one number per model). The FD row's name is ``FD`` whatever features it used: the
-    document's Table 3 column says which.
+    change, one row per judge of the panel, then ``panel_min`` (the smallest change of any
+    judge: the headline) and ``reward`` (the classifier DDPO optimised). FD (or FID) and LPIPS
+    are the metric's values (judge empty), change = SD+RL - SD, no interval (one number per
+    model). The FD row's name is ``FD`` whatever features it used: the document's Table 3
+    column says which.
     """
     rows = []
-    for name, (clf, metric) in SUMMARY_METRICS.items():
-        r = run.changes(clf).loc[metric]
-        rows.append(
-            {
-                "metric": name,
-                "SD": r["SD"],
-                "SD+RL": r["SD+RL"],
-                "change": r["change"],
-                "ci_low": r["ci_low"],
-                "ci_high": r["ci_high"],
-            }
-        )
+    for metric in SUMMARY_METRICS:
+        for name in [*run.judges, PANEL_MIN, "reward"]:
+            if name == PANEL_MIN:
+                r = run.panel[(run.panel["metric"] == metric) & (run.panel["judge"] == name)]
+                r = r.iloc[0]
+            else:
+                r = run.changes(name).loc[metric]
+            rows.append(
+                {
+                    "metric": metric,
+                    "judge": name,
+                    **{c: r[c] for c in ("SD", "SD+RL", "change", "ci_low", "ci_high")},
+                }
+            )
     t3 = run.table3.set_index("model")
     for name, prefix in (("FD", ("FD", "FID")), ("LPIPS", "LPIPS")):
         values = t3[run.column(prefix)]
         rows.append(
             {
                 "metric": name,
+                "judge": "",
                 "SD": values["SD"],
                 "SD+RL": values["SD+RL"],
                 "change": values["SD+RL"] - values["SD"],
@@ -239,9 +248,10 @@ def write_document(
     tuning: str | os.PathLike[str] | None,
     config_file: str,
     name: str = "cpu-showcase",
+    labels: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write ``<out_dir>/<name>.md``, its figures and ``<name>-summary.tsv`` from the run
-    folder ``run_dir``."""
+    folder ``run_dir``; ``labels``: the labels by eye of some of its samples (a TSV), if any."""
     run, out = read_run(run_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _figures(run, out, name)
@@ -255,6 +265,9 @@ def write_document(
         f"{name}-summary.tsv (APR, exact6 and r_A as fractions).",
         "",
         *_headline(run, wall_seconds),
+        *_panel(run),
+        *_labels(run, labels),
+        *_judge_disagreement(run, name),
         *_per_attribute(run),
         *_disagreement(run, name),
         *_stage_i(run.path),
@@ -278,12 +291,14 @@ def write_document(
 
 
 REWARD_ONLY_FIGURE = "results/figures/reward_only_samples.png"
+PANEL_FIGURE = "results/figures/judge_disagreement.png"
 
 
 def _figures(run: Run, out: Path, name: str) -> None:
     """The reward curve as the run drew it, a before/after grid of the rare artifacts, and the
     samples only the reward classifier accepts (runs before that rule have none)."""
     shutil.copyfile(run.path / "results/figures/ddpo_reward.png", out / f"{name}-reward.png")
+    shutil.copyfile(run.path / PANEL_FIGURE, out / f"{name}-judge-disagreement.png")
     if (run.path / REWARD_ONLY_FIGURE).exists():
         shutil.copyfile(run.path / REWARD_ONLY_FIGURE, out / f"{name}-reward-only.png")
     grids = [run.path / f"results/figures/samples/{slug}.png" for slug in GRID_PROMPTS]
@@ -308,8 +323,10 @@ def _headline(run: Run, wall_seconds: float) -> list[str]:
     return [
         "## Headline",
         "",
-        f"- Judge-confirmed APR (the paper's: the 4 artifacts as prompted) over the {prompts} "
-        f"prompts ({per_prompt} paired samples each, same "
+        f"- **The judge panel's smallest gain.** {panel_headline(run.panel)} Every judge's "
+        "number is in the next section.",
+        "- The paper's judge (`judge`), APR (the paper's: the 4 artifacts as prompted) over the "
+        f"{prompts} prompts ({per_prompt} paired samples each, same "
         f"noise): SD {apr.loc['SD', 'APR_judge']:.1f}% {apr.loc['SD', 'APR_judge_ci']} -> "
         f"SD+RL {apr.loc['SD+RL', 'APR_judge']:.1f}% {apr.loc['SD+RL', 'APR_judge_ci']}; "
         "paired change "
@@ -344,6 +361,137 @@ def _headline(run: Run, wall_seconds: float) -> list[str]:
         )
         + ".",
         f"- Wall time of `make showcase` (workflow and report): {wall_seconds / 60:.1f} min.",
+        "",
+    ]
+
+
+def _ci_column(df: pd.DataFrame) -> pd.Series:
+    return [_ci(lo, hi) for lo, hi in zip(df["ci_low"], df["ci_high"], strict=True)]
+
+
+def _panel(run: Run) -> list[str]:
+    """Every judge's change of APR, exact6 and r_A, its family and test accuracy; per judge
+    and artifact the drawn-when-prompted and left-out-when-not rates."""
+    p = run.panel.copy()
+    p["95% CI"] = _ci_column(p)
+    p["who"] = [m if j == PANEL_MIN else j for j, m in zip(p["judge"], p["min_of"], strict=True)]
+    cols = [
+        "metric",
+        "judge",
+        "architecture",
+        "family",
+        "reward_family",
+        "SD",
+        "SD+RL",
+        "change",
+        "95% CI",
+        "test_exact_match",
+    ]
+    table = p[p["judge"] != PANEL_MIN][cols]
+    lows = p[p["judge"] == PANEL_MIN][["metric", "who", "change", "95% CI", "spread"]]
+    rates = []
+    for judge in run.judges:
+        sd, rl = artifact_rates(run.sd, judge), artifact_rates(run.rl, judge)
+        for (_, a), (_, b) in zip(sd.iterrows(), rl.iterrows(), strict=True):
+            rates.append(
+                {
+                    "judge": judge,
+                    "artifact": DISPLAY_NAMES[a["artifact"]],
+                    "drawn when prompted SD": a["drawn_when_prompted"],
+                    "SD+RL": b["drawn_when_prompted"],
+                    "left out when not SD": a["left_out_when_not"],
+                    "SD+RL ": b["left_out_when_not"],
+                    "left-out change": b["left_out_when_not"] - a["left_out_when_not"],
+                }
+            )
+    rates_df = pd.DataFrame(rates)
+    worst = rates_df.loc[rates_df["left-out change"].idxmin()]
+    reward_arch = run.settings.get("classifier.reward.architecture", "?")
+    return [
+        "## The judge panel",
+        "",
+        f"Every judge scored the same {len(run.sd) // max(len(run.judges) + 1, 1)} paired "
+        f"samples per model. The reward classifier is `{reward_arch}`; reward_family says "
+        "whether a judge shares its architecture family (and so, possibly, its blind spots). "
+        "test_exact_match: all 6 heads right on the real test split. Changes are fractions.",
+        "",
+        markdown_table(table),
+        "",
+        "Smallest change per metric over the panel (who: the judge that gives it; spread: "
+        "largest minus smallest change):",
+        "",
+        markdown_table(lows),
+        "",
+        "Per judge and artifact, drawn when prompted and left out when not (SD -> SD+RL). "
+        f"Largest fall of left out when not: {100 * worst['left-out change']:+.1f} points "
+        f"({worst['artifact']}, judge {worst['judge']}).",
+        "",
+        markdown_table(rates_df),
+        "",
+    ]
+
+
+def _labels(run: Run, labels: str | os.PathLike[str] | None) -> list[str]:
+    """Each classifier against the labels by eye, when there are labels of this run."""
+    if labels is None or not Path(labels).exists():
+        return [
+            "## Labels by eye",
+            "",
+            "No labels by eye of this run's samples were given (--labels): the judges' "
+            "disagreements below are undecided.",
+            "",
+        ]
+    every = read_labels(str(labels))
+    table = labels_of_run(every, run.path)
+    if table.empty:
+        return [
+            "## Labels by eye",
+            "",
+            f"None of the {len(every)} labelled images of {Path(labels).name} is this run's "
+            "own (their SHA-256 differ: another run drew them): no judge is weighed by labels.",
+            "",
+        ]
+    names = ["reward", *run.judges]
+    acc = label_accuracy(table, {"sd": run.sd, "sd_rl": run.rl}, names)
+    counts = table.groupby("model").size().to_dict()
+    return [
+        "## Labels by eye",
+        "",
+        f"{len(table)} samples ({', '.join(f'{k} {v}' for k, v in counts.items())}; "
+        f"{len(every) - len(table)} labels of other images left out), chosen "
+        "where the judges disagree most, were looked at enlarged and labelled per artifact "
+        f"({Path(labels).name}). Share of them on which each classifier sees what the person "
+        "saw, per artifact, and APR: its verdict on all 4 artifacts as prompted equals the "
+        "labels'. These samples are the hard ones, so the accuracies are lower than on all "
+        "samples; they weigh the judges, they do not replace them.",
+        "",
+        markdown_table(acc),
+        "",
+    ]
+
+
+def _judge_disagreement(run: Run, name: str) -> list[str]:
+    """The share of samples on which the judges disagree per artifact, and a grid of them."""
+    d = run.judge_disagreement
+    every = d[d["scope"] == "all"].drop(columns="scope")
+    per_prompt = d[(d["scope"] != "all") & (d["attribute"] == "APR")]
+    top = per_prompt.nlargest(6, "disagree", keep="first").rename(columns={"scope": "prompt"})
+    return [
+        "## Where the judges disagree",
+        "",
+        "Share of samples on which the judges do not all say the same (disagree), and each "
+        "judge's share of samples it counts as prompted:",
+        "",
+        markdown_table(every.reset_index(drop=True)),
+        "",
+        "The prompts with most disagreement on APR:",
+        "",
+        markdown_table(top.drop(columns="attribute").reset_index(drop=True)),
+        "",
+        "Samples the judges disagree on (rows: artifacts; under each tile every judge's "
+        "verdict, + sees the artifact):",
+        "",
+        f"![judge disagreement]({name}-judge-disagreement.png)",
         "",
     ]
 
@@ -559,6 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tuning", default=None, help="TSV of the settings tried")
     parser.add_argument("--config", default="config/cpu-showcase.yaml")
     parser.add_argument("--name", default="cpu-showcase")
+    parser.add_argument("--labels", default=None, help="TSV of labels by eye of the run's samples")
     args = parser.parse_args(argv)
     try:
         doc = write_document(
@@ -568,6 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.tuning,
             args.config,
             name=args.name,
+            labels=args.labels,
         )
     except ValueError as err:
         print(f"rl4med.showcase: error: {err}", file=sys.stderr)

@@ -121,8 +121,10 @@ def required_weights(config: Mapping[str, Any]) -> list[Weight]:
         if published.get(role):
             source = f"{MANUAL}{name} from {AUTHORS_FOLDER_URL}"
             out.append(Weight(f"published.{role}", published[role], source))
-    # with published weights the reward and judge are imported, not trained
-    roles = {} if published else dict(config.get("classifier", {}))
+    # with published weights the reward and judge are imported, not trained (the panel's
+    # other judges still are)
+    imported = ("reward", "judge") if published else ()
+    roles = {k: v for k, v in config.get("classifier", {}).items() if k not in imported}
     roles["augmentation"] = config.get("augmentation", {}).get("classifier", {})
     for role, cfg in roles.items():
         if cfg.get("pretrained_file"):

@@ -193,6 +193,58 @@ def reward_only_grid(
     return pd.DataFrame(shown, columns=["prompt", "reward_only", "n", "judge_misses", "judge_sees"])
 
 
+def disagreement_grid(
+    scores: Mapping[str, pd.DataFrame],
+    folders: Mapping[str, Sequence[str | os.PathLike[str]]],
+    judges: Sequence[str],
+    path: str | os.PathLike[str],
+    per_row: int,
+) -> pd.DataFrame:
+    """Samples on which the judges disagree, one row per artifact (up to ``per_row`` each, SD
+    and SD+RL), every judge's verdict under each tile ("+" sees the artifact, "-" does not);
+    the prompt says whether it was asked for. A person tells from the grid which judge is right.
+    Returns the samples shown."""
+    # here, not at the top: the sample reader pulls in torch
+    from rl4med.evaluation.panel import disagreement_samples
+    from rl4med.evaluation.samples import read_image, read_images, sample_index
+    from rl4med.figures import save_captioned_grid
+
+    shown = disagreement_samples(scores, judges, per_row)
+    index = {m: sample_index(f).set_index(["prompt", "sample"]) for m, f in folders.items()}
+    tile = read_image(next(iter(index.values()))["path"].iloc[0])
+    images, captions = [], []
+    for artifact in ARTIFACTS:
+        part = shown[shown["artifact"] == artifact]
+        if len(part):
+            paths = [
+                index[m].loc[(p, s), "path"]
+                for m, p, s in part[["model", "prompt", "sample"]].itertuples(index=False)
+            ]
+            images += list(read_images(paths))
+        for row in part.itertuples(index=False):
+            asked = "asked" if artifact in prompt_from_slug(row.prompt).artifacts else "not asked"
+            captions.append(
+                [f"{MODEL_LABELS[row.model]} {row.prompt} #{row.sample}", f"{artifact} ({asked})"]
+                + [f"{j}: {'+' if getattr(row, j) else '-'}" for j in judges]
+            )
+        blanks = per_row - len(part)
+        images += [np.full(tile.shape, 255, np.uint8)] * blanks
+        captions += [[f"{artifact}: no more disagreement" if len(part) == 0 else ""]] * blanks
+    save_captioned_grid(
+        np.stack(images),
+        captions,
+        path,
+        cols=per_row,
+        title="Samples the judges disagree on; rows: "
+        + ", ".join(ARTIFACTS)
+        + " (+ = the judge sees the artifact)",
+    )
+    return shown
+
+
+MODEL_LABELS = {"sd": "SD", "sd_rl": "SD+RL"}
+
+
 def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> pd.DataFrame:
     """The configuration as (key, value) rows, for the report."""
     rows: list[dict[str, str]] = []
@@ -226,6 +278,50 @@ def _table(df: pd.DataFrame, title: str, note: str = "") -> str:
     return f"<h2>{html.escape(title)}</h2>{note_html}{body}"
 
 
+def panel_headline(panel: pd.DataFrame, metric: str = "APR") -> str:
+    """One sentence: the panel's smallest gain of ``metric``, its judge, interval and spread."""
+    low = panel[(panel["metric"] == metric) & (panel["judge"] == "panel_min")].iloc[0]
+    if pd.isna(low["change"]):
+        return f"No judge of the panel gives {metric}."
+    return (
+        f"{metric}, smallest gain over the panel's {int(low['judges'])} judges "
+        f"({int(low['families'])} architecture families): {100 * low['change']:+.1f} points "
+        f"[{100 * low['ci_low']:+.1f}, {100 * low['ci_high']:+.1f}] (judge {low['min_of']}); "
+        f"spread over the panel {100 * low['spread']:.1f} points."
+    )
+
+
+def _panel_parts(panel: pd.DataFrame | None) -> list[str]:
+    if panel is None:
+        return []
+    cols = [
+        "metric",
+        "judge",
+        "architecture",
+        "family",
+        "reward_family",
+        "SD",
+        "SD+RL",
+        "change",
+        "ci_low",
+        "ci_high",
+        "test_exact_match",
+        "min_of",
+        "spread",
+    ]
+    return [
+        f"<p><b>Headline. {html.escape(panel_headline(panel))}</b></p>",
+        _table(
+            panel[[c for c in cols if c in panel.columns]],
+            "Judge panel: SD -> SD+RL by every judge",
+            "Each judge's paired change (fractions) with its 95% interval; reward_family: the "
+            "judge shares the reward classifier's architecture family; test_exact_match: all 6 "
+            "heads right on the real test split. panel_min: the smallest change of any judge "
+            "(min_of), the headline.",
+        ),
+    ]
+
+
 def summary_html(tables: Mapping[str, pd.DataFrame], path: str | os.PathLike[str]) -> None:
     """Static HTML page with Tables 1-4 (ours beside the paper's) and the paired APR change."""
     paper_t1 = pd.DataFrame(
@@ -237,6 +333,7 @@ def summary_html(tables: Mapping[str, pd.DataFrame], path: str | os.PathLike[str
         "configuration at the end of this page. Metric labels say what was measured; an FD on "
         "judge features or an LPIPS with a random backbone is not comparable to a published "
         "number.</p>",
+        *_panel_parts(tables.get("judge_panel")),
         _table(tables["table1"], "Table 1 (ours): images per split"),
         _table(paper_t1, "Table 1 (paper)"),
         _table(

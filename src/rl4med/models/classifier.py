@@ -218,7 +218,51 @@ class TorchvisionEfficientNet(torch.nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-TORCHVISION_BACKBONES = {"torchvision/efficientnet_b0": TorchvisionEfficientNet}
+class SmallCNN(torch.nn.Module):
+    """``rl4med/smallcnn``: a plain VGG-style CNN of our own (conv-BN-ReLU pairs, 4 stages of
+    16-32-64-128 channels, the first at full resolution), an architecture family no timm
+    classifier here shares: a judge that does not see images the way a ResNet, EfficientNet or
+    ConvNeXt does. The first stage at full resolution keeps 1-2 pixel structures (hair, gel
+    rims) that stride-2 stems blur."""
+
+    num_features = 128
+
+    def __init__(self, num_classes: int, pretrained_file: str | None = None) -> None:
+        super().__init__()
+        if pretrained_file:
+            raise ClassifierError(
+                "rl4med/smallcnn has no pretrained weights: set pretrained_file: null"
+            )
+        layers: list[torch.nn.Module] = []
+        width_in = 3
+        for k, width in enumerate((16, 32, 64, 128)):
+            for _ in range(2):
+                layers += [
+                    torch.nn.Conv2d(width_in, width, 3, padding=1, bias=False),
+                    torch.nn.BatchNorm2d(width),
+                    torch.nn.ReLU(inplace=True),
+                ]
+                width_in = width
+            if k < 3:
+                layers.append(torch.nn.MaxPool2d(2))
+        self.features = torch.nn.Sequential(*layers)
+        self.classifier = torch.nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean((2, 3))
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+TORCHVISION_BACKBONES = {
+    "torchvision/efficientnet_b0": TorchvisionEfficientNet,
+    "rl4med/smallcnn": SmallCNN,
+}
 """Architectures that are not timm's, by their config name."""
 
 
