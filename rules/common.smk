@@ -60,6 +60,17 @@ JUDGES = list(PANEL)
 CLASSIFIERS = ["reward", *JUDGES]
 
 
+# real images as the stage-i sampler draws them: the training set of judges with
+# `train_on: sampler_view` (rule sampler_view)
+SAMPLER_VIEW_MANIFEST = "results/data/sampler_view/manifest.csv"
+
+
+def classifier_manifest(wildcards):
+    """The manifest a classifier trains on: the real images, or their sampler view."""
+    train_on = config["classifier"][wildcards.role].get("train_on", "real")
+    return SAMPLER_VIEW_MANIFEST if train_on == "sampler_view" else MANIFEST
+
+
 def classifier_dirs(names=CLASSIFIERS):
     """Classifier name -> its folder, for a rule's named inputs."""
     return {name: f"results/models/classifier_{name}" for name in names}
@@ -118,7 +129,8 @@ def ddpo_settings():
     }
 
 
-# evaluation: SD (stage i) and SD+RL (stage ii) sampled from the same noise
+# evaluation: SD (stage i) and SD+RL (stage ii) sampled from the same noise, by these keys
+GENERATE_KEYS = ("seed", "samples_per_prompt", "num_steps", "guidance_scale", "eta", "batch_size")
 MODEL_DIRS = {"sd": "results/models/sd", "sd_rl": "results/models/sd_rl"}
 EVAL_MODELS = list(MODEL_DIRS)
 SD_IMAGE_SIZE = (

@@ -18,7 +18,8 @@ rule generate:
     log:
         "logs/samples/{model}/{prompt}.log",
     params:
-        cfg=config["evaluation"],
+        # only the keys a sampling job uses: another evaluation key (the judges) reruns none
+        cfg={k: config["evaluation"][k] for k in GENERATE_KEYS},
         device=config["sd"]["device"],
         dtype=config["sd"]["dtype"],
     # SD+RL's samples before SD's: they end the critical path
@@ -34,6 +35,33 @@ rule generate:
         CONTAINER
     script:
         "../scripts/generate.py"
+
+
+rule sampler_view:
+    input:
+        manifest=MANIFEST,
+        sd="results/models/sd",
+    output:
+        manifest=SAMPLER_VIEW_MANIFEST,
+        images=directory("results/data/sampler_view/images"),
+    log:
+        "logs/evaluation/sampler_view.log",
+    params:
+        view=config["evaluation"]["sampler_view"],
+        sampler={k: config["evaluation"][k] for k in GENERATE_KEYS},
+        device=config["sd"]["device"],
+        dtype=config["sd"]["dtype"],
+    threads: resource("sampler_view", "cpus")
+    resources:
+        mem_mb=resource("sampler_view", "mem_mb"),
+        runtime=resource("sampler_view", "runtime"),
+        gpu=resource("sampler_view", "gpus"),
+    conda:
+        "../envs/torch.yaml"
+    container:
+        CONTAINER
+    script:
+        "../scripts/sampler_view.py"
 
 
 rule score_samples:
@@ -318,6 +346,7 @@ rule judge_panel:
     params:
         architectures={name: cfg["architecture"] for name, cfg in PANEL.items()},
         reward_architecture=config["classifier"]["reward"]["architecture"],
+        train_on={name: cfg.get("train_on", "real") for name, cfg in PANEL.items()},
         tested=[j for j in JUDGES if j in TRAINED_CLASSIFIERS],
         per_row=config["evaluation"]["grid_samples"],
     threads: 1

@@ -123,7 +123,7 @@ if TRAINED_CLASSIFIERS:
 
     rule train_classifier:
         input:
-            manifest=MANIFEST,
+            manifest=classifier_manifest,
         output:
             model=directory("results/models/classifier_{role}"),
             metrics=report(

@@ -27,7 +27,11 @@ def main() -> None:
     scores = {"sd": read(inp.scores_sd), "sd_rl": read(inp.scores_sd_rl)}
     tests = {name: read(p) for name, p in zip(smk.params.tested, inp.tests, strict=True)}
     panel = panel_table(
-        read(inp.change), dict(smk.params.architectures), smk.params.reward_architecture, tests
+        read(inp.change),
+        dict(smk.params.architectures),
+        smk.params.reward_architecture,
+        tests,
+        dict(smk.params.train_on),
     )
     write_table(panel, out.panel)
     write_table(judge_disagreement(scores, judges), out.disagreement)

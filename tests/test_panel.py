@@ -238,3 +238,20 @@ def test_only_labels_of_the_runs_own_images_count(tmp_path):
     )
     kept = labels_of_run(labels, tmp_path)
     assert kept["sample_path"].tolist() == ["a.png"]
+
+
+def test_the_panel_is_measured_with_and_without_its_sampler_view_judges():
+    change = change_rows({"judge": 0.10, "cnn": 0.05, "cnn_view": -0.02})
+    archs = {"judge": "resnet18", "cnn": "rl4med/smallcnn", "cnn_view": "rl4med/smallcnn"}
+    train_on = {"cnn_view": "sampler_view"}
+    panel = panel_table(change, archs, "regnetx_004", {}, train_on)
+    apr = panel[panel["metric"] == "APR"].set_index("judge")
+    assert apr.loc["panel_min", "min_of"] == "cnn_view"
+    assert apr.loc["panel_min_real", "min_of"] == "cnn"
+    assert apr.loc["panel_min_real", "change"] == pytest.approx(0.05)
+    assert (
+        apr.loc["cnn_view", "train_on"] == "sampler_view" and apr.loc["cnn", "train_on"] == "real"
+    )
+    # without sampler-view judges there is no second minimum
+    plain = panel_table(change_rows({"judge": 0.1}), {"judge": "resnet18"}, "regnetx_004", {})
+    assert "panel_min_real" not in set(plain["judge"])

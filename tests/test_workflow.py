@@ -155,8 +155,8 @@ def test_lint_is_clean():
             "'4G' is not of type 'integer'",
         ),
         (
-            lambda c: c["classifier"]["mobilenet"].update(architecture="resnet10t"),
-            "Invalid config: classifier.mobilenet.architecture: 'resnet10t' is the reward "
+            lambda c: c["classifier"]["regnet"].update(architecture="resnet10t"),
+            "Invalid config: classifier.regnet.architecture: 'resnet10t' is the reward "
             "classifier's (classifier.reward.architecture)",
         ),
         (
@@ -204,6 +204,8 @@ def test_micro_workflow_end_to_end(tmp_path):
         "models/train_classifier_reward",
         "models/train_classifier_judge",
         "models/train_classifier_smallcnn",
+        "models/train_classifier_smallcnn_view",
+        "evaluation/sampler_view",
         "evaluation/judge_panel",
         "models/autoencoder_check",
         "models/stage_i_check",
@@ -391,7 +393,8 @@ def check_showcase_document(tmp_path):
     summary = summary.set_index(["metric", "judge"])
     judges = micro_judges()
     for metric in ("APR", "exact6", "r_A"):
-        for name in (*judges, "panel_min", "reward"):
+        # panel_min_real: without smallcnn_view, the judge trained on the sampler view
+        for name in (*judges, "panel_min", "panel_min_real", "reward"):
             assert (metric, name) in summary.index, (metric, name)
     for col in ("SD", "SD+RL", "change", "ci_low", "ci_high"):
         assert summary.loc[("APR", "judge"), col] == pytest.approx(judge[col])
@@ -401,6 +404,10 @@ def check_showcase_document(tmp_path):
     assert summary.loc[("APR", "panel_min"), "change"] == pytest.approx(low["change"])
     assert summary.loc[("APR", "panel_min"), "ci_low"] == pytest.approx(low["ci_low"])
     assert f"{100 * low['change']:+.1f} points" in doc and f"(judge {low['classifier']})" in doc
+    real = apr_rows[apr_rows["classifier"] != "smallcnn_view"]
+    assert summary.loc[("APR", "panel_min_real"), "change"] == pytest.approx(real["change"].min())
+    view = read_manifest(tmp_path / "results/data/sampler_view/manifest.csv")
+    assert len(view) == len(read_manifest(tmp_path / "results/data/manifest.csv"))
     assert "## The judge panel" in doc and "## Where the judges disagree" in doc
     assert (out / "cpu-showcase-judge-disagreement.png").stat().st_size > 2000
     summary = summary.reset_index("judge")

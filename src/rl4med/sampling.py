@@ -90,18 +90,51 @@ def _sample_batch(
     num_steps: int,
     guidance_scale: float,
     eta: float,
+    images: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> np.ndarray:
+    """The DDIM chain of one batch. ``images`` (float in [-1, 1]) given: they are encoded,
+    noised to the chain's step at ``strength`` (the share of the steps left to run) with each
+    seed's noise, and denoised from there (as img2img), so a real image comes out drawn by
+    the sampler: its texture, its prompt's look, its labels."""
     device, dtype = sd.device, sd.unet.dtype
     sched = sd.ddim_scheduler()
     sched.set_timesteps(num_steps, device=device)
     cond = sd.encode_prompts(texts).to(dtype)
     uncond = sd.encode_prompts([""]).to(dtype).expand_as(cond)
-    latents = initial_noise(sd, seeds).to(device, dtype) * sched.init_noise_sigma
+    noise = initial_noise(sd, seeds).to(device, dtype)
+    timesteps = sched.timesteps
+    if images is None:
+        latents = noise * sched.init_noise_sigma
+    else:
+        timesteps = timesteps[num_steps - max(1, round(strength * num_steps)) :]
+        x0 = sd.encode_images(images.to(device)).to(dtype)
+        latents = sched.add_noise(x0, noise, timesteps[:1].expand(len(x0)))
     gens = step_generators(seeds)
-    for t in sched.timesteps:
+    for t in timesteps:
         pred = guided_output(sd.unet, latents, t.reshape(1), cond, uncond, guidance_scale)
-        noise = None
+        step = None
         if eta > 0:
-            noise = step_noise(gens, latents.shape[1:]).to(device, dtype)
-        latents = sched.step(pred, t, latents, eta=eta, variance_noise=noise).prev_sample
+            step = step_noise(gens, latents.shape[1:]).to(device, dtype)
+        latents = sched.step(pred, t, latents, eta=eta, variance_noise=step).prev_sample
     return to_uint8(sd.decode_latents(latents.to(sd.vae.dtype)).float())
+
+
+@torch.inference_mode()
+def redraw_images(
+    sd: StableDiffusion,
+    images: torch.Tensor,
+    prompts: Sequence[str | Prompt],
+    seeds: Sequence[int],
+    num_steps: int,
+    guidance_scale: float,
+    eta: float,
+    strength: float,
+) -> np.ndarray:
+    """Real images (float (B, 3, H, W) in [-1, 1], at the model's size) as the sampler draws
+    them: noised to ``strength`` of the chain and denoised by the model with their own prompts
+    (uint8 (B, H, W, 3)). A judge trained on them sees the texture every sample has."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength {strength}: must be in (0, 1]")
+    texts = sd.prompt_texts(prompts)
+    return _sample_batch(sd, texts, seeds, num_steps, guidance_scale, eta, images, strength)

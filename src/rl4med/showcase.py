@@ -27,10 +27,20 @@ from PIL import Image
 
 from rl4med.attributes import ARTIFACTS, DISPLAY_NAMES
 from rl4med.evaluation.augmentation import TRAINING_SETS, rarest_artifact
-from rl4med.evaluation.panel import PANEL_MIN, label_accuracy, labels_of_run, read_labels
+from rl4med.evaluation.panel import (
+    PANEL_MIN,
+    PANEL_MIN_REAL,
+    label_accuracy,
+    labels_of_run,
+    read_labels,
+)
 from rl4med.evaluation.report import panel_headline, stop_info
 from rl4med.io import STEP_DONE, atomic_path, write_table
 from rl4med.prompts import all_prompts, prompt_from_slug
+
+MINIMA = (PANEL_MIN, PANEL_MIN_REAL)
+"""The panel's smallest-change rows of judge_panel.tsv (over all judges; over the judges
+trained on real images, where some trained on the sampler view)."""
 
 PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "timm", "torch-fidelity", "lpips")
 PACKAGES += ("snakemake", "numpy")
@@ -162,8 +172,13 @@ class Run:
     @property
     def judges(self) -> list[str]:
         """The panel's judges in its order (the paper's judge first)."""
-        names = self.panel.loc[self.panel["judge"] != PANEL_MIN, "judge"]
+        names = self.panel.loc[~self.panel["judge"].isin(MINIMA), "judge"]
         return list(dict.fromkeys(names))
+
+    @property
+    def minima(self) -> list[str]:
+        """The smallest-change rows this run has (panel_min, and panel_min_real if any)."""
+        return [m for m in MINIMA if (self.panel["judge"] == m).any()]
 
     @property
     def settings(self) -> dict[str, str]:
@@ -204,15 +219,16 @@ def summary_table(run: Run) -> pd.DataFrame:
 
     APR, exact6 and r_A are fractions (0-1) with the paired 95% bootstrap interval of the
     change, one row per judge of the panel, then ``panel_min`` (the smallest change of any
-    judge: the headline) and ``reward`` (the classifier DDPO optimised). FD (or FID) and LPIPS
-    are the metric's values (judge empty), change = SD+RL - SD, no interval (one number per
-    model). The FD row's name is ``FD`` whatever features it used: the document's Table 3
+    judge: the headline), ``panel_min_real`` (of the judges trained on real images, where some
+    trained on the sampler view) and ``reward`` (the classifier DDPO optimised). FD (or FID)
+    and LPIPS are the metric's values (judge empty), change = SD+RL - SD, no interval (one
+    number per model). The FD row's name is ``FD`` whatever features it used: the document's Table 3
     column says which.
     """
     rows = []
     for metric in SUMMARY_METRICS:
-        for name in [*run.judges, PANEL_MIN, "reward"]:
-            if name == PANEL_MIN:
+        for name in [*run.judges, *run.minima, "reward"]:
+            if name in MINIMA:
                 r = run.panel[(run.panel["metric"] == metric) & (run.panel["judge"] == name)]
                 r = r.iloc[0]
             else:
@@ -374,11 +390,12 @@ def _panel(run: Run) -> list[str]:
     and artifact the drawn-when-prompted and left-out-when-not rates."""
     p = run.panel.copy()
     p["95% CI"] = _ci_column(p)
-    p["who"] = [m if j == PANEL_MIN else j for j, m in zip(p["judge"], p["min_of"], strict=True)]
+    mins = p["judge"].isin(MINIMA)
     cols = [
         "metric",
         "judge",
         "architecture",
+        "train_on",
         "family",
         "reward_family",
         "SD",
@@ -387,8 +404,8 @@ def _panel(run: Run) -> list[str]:
         "95% CI",
         "test_exact_match",
     ]
-    table = p[p["judge"] != PANEL_MIN][cols]
-    lows = p[p["judge"] == PANEL_MIN][["metric", "who", "change", "95% CI", "spread"]]
+    table = p[~mins][cols]
+    lows = p[mins][["metric", "judge", "min_of", "change", "95% CI", "spread"]]
     rates = []
     for judge in run.judges:
         sd, rl = artifact_rates(run.sd, judge), artifact_rates(run.rl, judge)
@@ -417,8 +434,9 @@ def _panel(run: Run) -> list[str]:
         "",
         markdown_table(table),
         "",
-        "Smallest change per metric over the panel (who: the judge that gives it; spread: "
-        "largest minus smallest change):",
+        "Smallest change per metric over the panel (panel_min: every judge; panel_min_real: "
+        "the judges trained on real images only, where some trained on the sampler view; "
+        "min_of: the judge that gives it; spread: largest minus smallest change):",
         "",
         markdown_table(lows),
         "",

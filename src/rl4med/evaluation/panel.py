@@ -26,6 +26,9 @@ from rl4med.prompts import prompt_from_slug
 ARTIFACTS = list(_ARTIFACTS)
 PANEL_METRICS = ("APR", "exact6", "r_A")
 PANEL_MIN = "panel_min"
+PANEL_MIN_REAL = "panel_min_real"
+"""The smallest change over the judges trained on real images only (beside ``panel_min``
+when some judges trained on the sampler view)."""
 CHANGE_COLUMNS = ["SD", "SD+RL", "change", "ci_low", "ci_high"]
 AUDIT_COLUMNS = {**{f"match_{a}": a for a in ARTIFACTS}, "apr": "APR"}
 """Per-sample indicator -> its name in the audit: the 4 artifacts, then APR."""
@@ -36,6 +39,7 @@ def panel_table(
     architectures: Mapping[str, str],
     reward_architecture: str,
     tests: Mapping[str, pd.DataFrame],
+    train_on: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """One row per metric (APR, exact6, r_A) and judge: SD, SD+RL, the paired change and its
     95% interval (``change``: apr_change.tsv), the judge's architecture and family, whether the
@@ -43,7 +47,11 @@ def panel_table(
     ``tests``: classifier_<name>_test.tsv, where the judge has one). Then per metric a row
     ``panel_min``: the judge with the smallest change (``min_of``), its interval, and
     ``spread`` = largest minus smallest.
-    A judge without the heads a metric needs (NaN) is left out of that metric's minimum."""
+    A judge without the heads a metric needs (NaN) is left out of that metric's minimum.
+    ``train_on``: judge -> ``real`` or ``sampler_view`` (absent: real); with both kinds in the
+    panel a row ``panel_min_real`` follows: the minimum over the judges trained on real images,
+    so the panel is measured with and without the sampler-view judges."""
+    train_on = {name: (train_on or {}).get(name, "real") for name in architectures}
     reward_family = architecture_family(reward_architecture)
     rows = []
     for metric in PANEL_METRICS:
@@ -61,6 +69,7 @@ def panel_table(
                     "judge": name,
                     **{c: float(sel[c].iloc[0]) for c in CHANGE_COLUMNS},
                     "architecture": arch,
+                    "train_on": train_on[name],
                     "family": architecture_family(arch),
                     "reward_family": architecture_family(arch) == reward_family,
                     "test_exact_match": float(test.get("exact_match", np.nan)),
@@ -68,7 +77,11 @@ def panel_table(
                 }
             )
         rows += part
-        rows.append(panel_min(pd.DataFrame(part)))
+        part_df = pd.DataFrame(part)
+        rows.append(panel_min(part_df))
+        if part_df["train_on"].nunique() > 1:
+            real = part_df[part_df["train_on"] == "real"]
+            rows.append({**panel_min(real), "judge": PANEL_MIN_REAL})
     return pd.DataFrame(rows)
 
 
