@@ -208,10 +208,12 @@ def test_fetch_weights_lists_every_weight_of_the_paper_config():
     weights = required_weights(paper)
     keys = {w.key for w in weights}
     # the judge (the authors' evaluation classifier) and Table 4's classifiers start from the
-    # reward's ImageNet file: one download for all
+    # reward's ImageNet file: one download for all; the panel's other judges have their own
     assert keys == {
         "sd.path",
         "classifier.reward.pretrained_file",
+        "classifier.resnet50.pretrained_file",
+        "classifier.convnext.pretrained_file",
         "evaluation.fid.inception_weights",
         "evaluation.lpips.backbone_weights",
     }
@@ -233,6 +235,8 @@ def test_fetch_weights_lists_every_weight_of_the_paper_config():
     assert "stable-diffusion-v1-5 <- hf:" in proc.stdout and "(missing)" in proc.stdout
     # the authors' torchvision network: torchvision's ImageNet file
     sources = {w.key: w.source for w in weights}
+    assert sources["classifier.resnet50.pretrained_file"] == "timm:resnet50.a1_in1k"
+    assert sources["classifier.convnext.pretrained_file"] == "timm:convnext_tiny.fb_in1k"
     assert sources["classifier.reward.pretrained_file"] == (
         "https://download.pytorch.org/models/efficientnet_b0_rwightman-7f5810bc.pth"
     )

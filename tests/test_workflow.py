@@ -61,7 +61,6 @@ def jobs(proc):
 MODEL_JOBS = {
     "table1": 1,
     "finetune_sd": 1,
-    "train_classifier": 2,
     "autoencoder_check": 1,
     "ddpo": 1,
     # evaluation: one generate job per (model, prompt), metrics per model
@@ -77,14 +76,26 @@ MODEL_JOBS = {
     "reward_only_samples": 1,
     "ddpo_curves": 1,
     "summary": 1,
+    "judge_panel": 1,
     "all": 1,
 }
 
 
-def model_jobs(config_file):
-    """MODEL_JOBS plus one augmentation classifier per training set and seed."""
-    seeds = load(config_file)["augmentation"]["seeds"]
-    return {**MODEL_JOBS, "train_augmented": 3 * len(seeds)}
+def model_jobs(config_file, overlay=None):
+    """MODEL_JOBS plus one classifier per judge of the panel and the reward, the sampler view
+    where a judge trains on it, one augmentation classifier per training set and seed."""
+    cfg = load(config_file)
+    if overlay:
+        over = load(overlay)
+        cfg = {**cfg, **{k: {**cfg.get(k, {}), **v} for k, v in over.items()}}
+    judges = cfg["evaluation"].get("judges", ["judge"])
+    view = [j for j in judges if cfg["classifier"][j].get("train_on") == "sampler_view"]
+    counts = {
+        **MODEL_JOBS,
+        "train_classifier": 1 + len(judges),
+        "train_augmented": 3 * len(cfg["augmentation"]["seeds"]),
+    }
+    return {**counts, "sampler_view": 1} if view else counts
 
 
 def test_default_config_dry_run_lists_the_jobs(tmp_path):
@@ -112,7 +123,7 @@ def test_showcase_config_dry_runs_in_its_own_folder(tmp_path):
     counts = jobs(proc)
     showcase = load("config/cpu-showcase.yaml")
     assert counts == {
-        **model_jobs("config/cpu-showcase.yaml"),
+        **model_jobs("config.yaml", "config/cpu-showcase.yaml"),
         "synthetic_data": 1,
         "build_sd": 1,
         "stage_i_check": 1,

@@ -381,7 +381,7 @@ def _headline(run: Run, wall_seconds: float) -> list[str]:
     ]
 
 
-def _ci_column(df: pd.DataFrame) -> pd.Series:
+def _ci_column(df: pd.DataFrame) -> list[str]:
     return [_ci(lo, hi) for lo, hi in zip(df["ci_low"], df["ci_high"], strict=True)]
 
 

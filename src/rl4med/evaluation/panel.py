@@ -103,16 +103,20 @@ def panel_min(part: pd.DataFrame) -> dict[str, object]:
     }
 
 
-def _by_classifier(scores: pd.DataFrame, names: Sequence[str]) -> dict[str, pd.DataFrame]:
-    """Each classifier's scores indexed by (prompt, sample), all in the first one's order."""
+def by_classifier(
+    scores: pd.DataFrame, names: Sequence[str], what: str = "scores"
+) -> dict[str, pd.DataFrame]:
+    """Each classifier's scores indexed by (prompt, sample), all in the first one's order; an
+    error naming ``what`` unless every one scored exactly the same samples."""
     keys = ["prompt", "sample"]
     out = {n: scores[scores["classifier"] == n].set_index(keys) for n in names}
     first = out[names[0]]
     for name, df in out.items():
-        if df.empty or not df.index.is_unique or len(df) != len(first):
-            raise ValueError(f"scores: classifier {name!r} did not score the same samples")
-        if not df.index.isin(first.index).all():
-            raise ValueError(f"scores: classifier {name!r} scored other samples")
+        if df.empty:
+            raise ValueError(f"{what}: no scores of classifier {name!r}")
+        same = df.index.is_unique and len(df) == len(first) and df.index.isin(first.index).all()
+        if not same:
+            raise ValueError(f"{what}: classifier {name!r} scored other samples than {names[0]!r}")
         out[name] = df.loc[first.index]
     return out
 
@@ -125,7 +129,7 @@ def judge_disagreement(scores: Mapping[str, pd.DataFrame], judges: Sequence[str]
     all say the same, and per judge the share it counts as prompted (``<judge>``)."""
     rows = []
     for model, df in scores.items():
-        by = _by_classifier(df, judges)
+        by = by_classifier(df, judges, model)
         prompts = by[judges[0]].index.get_level_values("prompt").to_numpy()
         for scope in ["all", *dict.fromkeys(prompts)]:
             in_scope = np.ones(len(prompts), bool) if scope == "all" else prompts == scope

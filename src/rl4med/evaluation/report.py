@@ -19,6 +19,7 @@ import pandas as pd  # noqa: E402
 
 from rl4med.attributes import ARTIFACTS, ATTRIBUTES  # noqa: E402
 from rl4med.evaluation import paper  # noqa: E402
+from rl4med.evaluation.panel import PANEL_MIN  # noqa: E402
 from rl4med.figures import save_grid  # noqa: E402
 from rl4med.io import atomic_dir, atomic_path  # noqa: E402
 from rl4med.prompts import prompt_from_slug  # noqa: E402
@@ -204,7 +205,8 @@ def disagreement_grid(
     and SD+RL), every judge's verdict under each tile ("+" sees the artifact, "-" does not);
     the prompt says whether it was asked for. A person tells from the grid which judge is right.
     Returns the samples shown."""
-    # here, not at the top: the sample reader pulls in torch
+    # here, not at the top: the scores' and samples' readers pull in torch
+    from rl4med.evaluation.apr import MODELS
     from rl4med.evaluation.panel import disagreement_samples
     from rl4med.evaluation.samples import read_image, read_images, sample_index
     from rl4med.figures import save_captioned_grid
@@ -224,7 +226,7 @@ def disagreement_grid(
         for row in part.itertuples(index=False):
             asked = "asked" if artifact in prompt_from_slug(row.prompt).artifacts else "not asked"
             captions.append(
-                [f"{MODEL_LABELS[row.model]} {row.prompt} #{row.sample}", f"{artifact} ({asked})"]
+                [f"{MODELS[row.model]} {row.prompt} #{row.sample}", f"{artifact} ({asked})"]
                 + [f"{j}: {'+' if getattr(row, j) else '-'}" for j in judges]
             )
         blanks = per_row - len(part)
@@ -240,9 +242,6 @@ def disagreement_grid(
         + " (+ = the judge sees the artifact)",
     )
     return shown
-
-
-MODEL_LABELS = {"sd": "SD", "sd_rl": "SD+RL"}
 
 
 def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> pd.DataFrame:
@@ -280,7 +279,7 @@ def _table(df: pd.DataFrame, title: str, note: str = "") -> str:
 
 def panel_headline(panel: pd.DataFrame, metric: str = "APR") -> str:
     """One sentence: the panel's smallest gain of ``metric``, its judge, interval and spread."""
-    low = panel[(panel["metric"] == metric) & (panel["judge"] == "panel_min")].iloc[0]
+    low = panel[(panel["metric"] == metric) & (panel["judge"] == PANEL_MIN)].iloc[0]
     if pd.isna(low["change"]):
         return f"No judge of the panel gives {metric}."
     return (
@@ -298,6 +297,7 @@ def _panel_parts(panel: pd.DataFrame | None) -> list[str]:
         "metric",
         "judge",
         "architecture",
+        "train_on",
         "family",
         "reward_family",
         "SD",
@@ -316,8 +316,9 @@ def _panel_parts(panel: pd.DataFrame | None) -> list[str]:
             "Judge panel: SD -> SD+RL by every judge",
             "Each judge's paired change (fractions) with its 95% interval; reward_family: the "
             "judge shares the reward classifier's architecture family; test_exact_match: all 6 "
-            "heads right on the real test split. panel_min: the smallest change of any judge "
-            "(min_of), the headline.",
+            "heads right on the real test split (of the images it trained on: train_on). "
+            "panel_min: the smallest change of any judge (min_of), the headline; "
+            "panel_min_real: of the judges trained on real images only.",
         ),
     ]
 
