@@ -121,10 +121,13 @@ def required_weights(config: Mapping[str, Any]) -> list[Weight]:
         if published.get(role):
             source = f"{MANUAL}{name} from {AUTHORS_FOLDER_URL}"
             out.append(Weight(f"published.{role}", published[role], source))
-    # with published weights the reward and judge are imported, not trained (the panel's
-    # other judges still are)
+    # the classifiers trained: the reward and the judge panel, less the reward and judge that
+    # published weights import
+    classifiers = config.get("classifier", {})
+    trained = ["reward", *config.get("evaluation", {}).get("judges", ["judge"])]
     imported = ("reward", "judge") if published else ()
-    roles = {k: v for k, v in config.get("classifier", {}).items() if k not in imported}
+    roles = {k: classifiers[k] for k in dict.fromkeys(trained) if k in classifiers}
+    roles = {k: v for k, v in roles.items() if k not in imported}
     roles["augmentation"] = config.get("augmentation", {}).get("classifier", {})
     for role, cfg in roles.items():
         if cfg.get("pretrained_file"):
