@@ -26,11 +26,13 @@ import pandas as pd
 from PIL import Image
 
 from rl4med.attributes import ARTIFACTS, DISPLAY_NAMES
+from rl4med.evaluation import MODELS
 from rl4med.evaluation.augmentation import TRAINING_SETS, rarest_artifact
 from rl4med.evaluation.panel import (
     PANEL_MIN,
     PANEL_MIN_REAL,
     label_accuracy,
+    labelled_change,
     labels_of_run,
     read_labels,
 )
@@ -414,10 +416,10 @@ def _panel(run: Run) -> list[str]:
                 {
                     "judge": judge,
                     "artifact": DISPLAY_NAMES[a["artifact"]],
-                    "drawn when prompted SD": a["drawn_when_prompted"],
-                    "SD+RL": b["drawn_when_prompted"],
-                    "left out when not SD": a["left_out_when_not"],
-                    "SD+RL ": b["left_out_when_not"],
+                    "drawn SD": a["drawn_when_prompted"],
+                    "drawn SD+RL": b["drawn_when_prompted"],
+                    "left out SD": a["left_out_when_not"],
+                    "left out SD+RL": b["left_out_when_not"],
                     "left-out change": b["left_out_when_not"] - a["left_out_when_not"],
                 }
             )
@@ -440,7 +442,8 @@ def _panel(run: Run) -> list[str]:
         "",
         markdown_table(lows),
         "",
-        "Per judge and artifact, drawn when prompted and left out when not (SD -> SD+RL). "
+        "Per judge and artifact, drawn when prompted (drawn) and left out when not prompted "
+        "(left out), SD -> SD+RL. "
         f"Largest fall of left out when not: {100 * worst['left-out change']:+.1f} points "
         f"({worst['artifact']}, judge {worst['judge']}).",
         "",
@@ -472,6 +475,8 @@ def _labels(run: Run, labels: str | os.PathLike[str] | None) -> list[str]:
     names = ["reward", *run.judges]
     acc = label_accuracy(table, {"sd": run.sd, "sd_rl": run.rl}, names)
     counts = table.groupby("model").size().to_dict()
+    by_labels = labelled_change(table)
+    verdicts = ", ".join(f"{MODELS.get(m, m)} {100 * v:.1f}%" for m, v in by_labels.items())
     return [
         "## Labels by eye",
         "",
@@ -484,6 +489,9 @@ def _labels(run: Run, labels: str | os.PathLike[str] | None) -> list[str]:
         "samples; they weigh the judges, they do not replace them.",
         "",
         markdown_table(acc),
+        "",
+        f"APR by the labels on the labelled samples: {verdicts} (these samples were chosen "
+        "where the judges disagree, so this is not the models' APR).",
         "",
     ]
 

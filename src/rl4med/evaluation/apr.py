@@ -21,12 +21,11 @@ import pandas as pd
 
 from rl4med.attributes import ARTIFACTS, ATTRIBUTES, DISEASES
 from rl4med.ddpo.reward import AttributeReward
-from rl4med.evaluation import paper
+from rl4med.evaluation import MODELS, paper
 from rl4med.models.classifier import AttributeClassifier
 from rl4med.prompts import Prompt, all_prompts, prompt_from_labels, prompt_from_slug
 
 MATCH_COLUMNS = [f"match_{a}" for a in ATTRIBUTES]
-MODELS = {"sd": "SD", "sd_rl": "SD+RL"}
 ARTIFACT_HEADS = [ATTRIBUTES.index(a) for a in ARTIFACTS]
 SAMPLE_METRICS = {"apr": "APR", "exact6": "exact6"}
 """Per-sample indicator column -> the name of its mean in the tables."""

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from rl4med.attributes import ARTIFACTS, ATTRIBUTES  # noqa: E402
-from rl4med.evaluation import paper  # noqa: E402
+from rl4med.evaluation import MODELS, paper  # noqa: E402
 from rl4med.evaluation.panel import PANEL_MIN  # noqa: E402
 from rl4med.figures import save_grid  # noqa: E402
 from rl4med.io import atomic_dir, atomic_path  # noqa: E402
@@ -206,7 +206,6 @@ def disagreement_grid(
     the prompt says whether it was asked for. A person tells from the grid which judge is right.
     Returns the samples shown."""
     # here, not at the top: the scores' and samples' readers pull in torch
-    from rl4med.evaluation.apr import MODELS
     from rl4med.evaluation.panel import disagreement_samples
     from rl4med.evaluation.samples import read_image, read_images, sample_index
     from rl4med.figures import save_captioned_grid
