@@ -29,6 +29,7 @@ from rl4med.attributes import ARTIFACTS, DISPLAY_NAMES
 from rl4med.evaluation import MODELS
 from rl4med.evaluation.augmentation import TRAINING_SETS, rarest_artifact
 from rl4med.evaluation.panel import (
+    JUDGE_COLUMNS,
     PANEL_MIN,
     PANEL_MIN_REAL,
     label_accuracy,
@@ -393,19 +394,7 @@ def _panel(run: Run) -> list[str]:
     p = run.panel.copy()
     p["95% CI"] = _ci_column(p)
     mins = p["judge"].isin(MINIMA)
-    cols = [
-        "metric",
-        "judge",
-        "architecture",
-        "train_on",
-        "family",
-        "reward_family",
-        "SD",
-        "SD+RL",
-        "change",
-        "95% CI",
-        "test_exact_match",
-    ]
+    cols = [*JUDGE_COLUMNS, "SD", "SD+RL", "change", "95% CI", "test_exact_match"]
     table = p[~mins][cols]
     lows = p[mins][["metric", "judge", "min_of", "change", "95% CI", "spread"]]
     rates = []

@@ -30,6 +30,8 @@ PANEL_MIN_REAL = "panel_min_real"
 """The smallest change over the judges trained on real images only (beside ``panel_min``
 when some judges trained on the sampler view)."""
 CHANGE_COLUMNS = ["SD", "SD+RL", "change", "ci_low", "ci_high"]
+JUDGE_COLUMNS = ["metric", "judge", "architecture", "train_on", "family", "reward_family"]
+"""What names a judge in the panel's tables, before its numbers."""
 AUDIT_COLUMNS = {**{f"match_{a}": a for a in ARTIFACTS}, "apr": "APR"}
 """Per-sample indicator -> its name in the audit: the 4 artifacts, then APR."""
 

@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 
 from rl4med.attributes import ARTIFACTS, ATTRIBUTES  # noqa: E402
 from rl4med.evaluation import MODELS, paper  # noqa: E402
-from rl4med.evaluation.panel import PANEL_MIN  # noqa: E402
+from rl4med.evaluation.panel import CHANGE_COLUMNS, JUDGE_COLUMNS, PANEL_MIN  # noqa: E402
 from rl4med.figures import save_grid  # noqa: E402
 from rl4med.io import atomic_dir, atomic_path  # noqa: E402
 from rl4med.prompts import prompt_from_slug  # noqa: E402
@@ -292,22 +292,7 @@ def panel_headline(panel: pd.DataFrame, metric: str = "APR") -> str:
 def _panel_parts(panel: pd.DataFrame | None) -> list[str]:
     if panel is None:
         return []
-    cols = [
-        "metric",
-        "judge",
-        "architecture",
-        "train_on",
-        "family",
-        "reward_family",
-        "SD",
-        "SD+RL",
-        "change",
-        "ci_low",
-        "ci_high",
-        "test_exact_match",
-        "min_of",
-        "spread",
-    ]
+    cols = [*JUDGE_COLUMNS, *CHANGE_COLUMNS, "test_exact_match", "min_of", "spread"]
     return [
         f"<p><b>Headline. {html.escape(panel_headline(panel))}</b></p>",
         _table(
