@@ -165,3 +165,49 @@ def test_bad_arguments_get_usage_and_exit_code_2():
     proc = rl4med("sample", "--prompt", "nv__none", check=False)
     assert proc.returncode == 2 and "--model" in proc.stderr
     assert rl4med("score", "--help").stdout.count("--classifier") >= 1
+
+
+def test_label_sheet_writes_a_blind_sheet_of_the_disputed_pairs(tmp_path):
+    """Two judges split on gel bubbles in sample 1 of both models: it is picked first, the TSV
+    has empty labels and each image's hash, the sheet shows no model or prompt."""
+    from rl4med.attributes import ARTIFACTS
+    from rl4med.evaluation.panel import LABEL_COLUMNS, image_digest
+
+    gel = {"judge": [1, 1, 0], "cnn": [1, 0, 0]}  # presence of gel per sample
+    for model in ("sd", "sd_rl"):
+        folder = tmp_path / "results/samples" / model / "mel__gel"
+        folder.mkdir(parents=True)
+        rows = []
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 90, 120 if model == "sd" else 60)).save(
+                folder / f"{i:05d}.png"
+            )
+            rows.append({"file": f"{i:05d}.png", "prompt": "mel__gel", "sample": i, "seed": i})
+        pd.DataFrame(rows).to_csv(folder / "index.csv", index=False)
+        scores = [
+            {
+                "classifier": name,
+                "prompt": "mel__gel",
+                "sample": i,
+                "seed": i,
+                **{f"match_{a}": 1.0 for a in ARTIFACTS if a != "gel_bubbles"},
+                "match_gel_bubbles": float(seen[i]),
+                "apr": float(seen[i]),
+            }
+            for name, seen in {"reward": [1, 1, 1], **gel}.items()
+            for i in range(3)
+        ]
+        out = tmp_path / f"results/evaluation/scores_{model}.tsv"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(scores).to_csv(out, sep="\t", index=False)
+    tsv, sheets = tmp_path / "labels.tsv", tmp_path / "sheets"
+    rl4med("label-sheet", "--run-dir", tmp_path, "--pairs", 1, "--out", tsv, "--sheets", sheets)
+    table = pd.read_csv(tsv, sep="\t", keep_default_na=False, dtype=str)
+    assert list(table.columns) == LABEL_COLUMNS
+    assert sorted(table["model"]) == ["sd", "sd_rl"] and set(table["sample"]) == {"1"}
+    assert (table[list(ARTIFACTS)] == "").all().all()
+    for path, digest in zip(table["sample_path"], table["image_sha256"], strict=True):
+        assert digest == image_digest(tmp_path / path)
+    assert [p.name for p in sheets.iterdir()] == ["sheet_01.png"]
+    missing = rl4med("label-sheet", "--run-dir", tmp_path / "nothing", check=False)
+    assert missing.returncode == 1 and "scores_sd.tsv: missing" in missing.stderr
