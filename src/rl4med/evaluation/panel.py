@@ -133,10 +133,14 @@ def judge_disagreement(scores: Mapping[str, pd.DataFrame], judges: Sequence[str]
     for model, df in scores.items():
         by = by_classifier(df, judges, model)
         prompts = by[judges[0]].index.get_level_values("prompt").to_numpy()
+        # per indicator, every judge's votes (samples, judges), stacked once for all scopes
+        stacked = {
+            col: np.stack([by[j][col].to_numpy(float) for j in judges], 1) for col in AUDIT_COLUMNS
+        }
         for scope in ["all", *dict.fromkeys(prompts)]:
             in_scope = np.ones(len(prompts), bool) if scope == "all" else prompts == scope
             for col, name in AUDIT_COLUMNS.items():
-                votes = np.stack([by[j][col].to_numpy(float) for j in judges], 1)
+                votes = stacked[col]
                 sel = in_scope & ~np.isnan(votes).any(1)
                 v, n = votes[sel] == 1, int(sel.sum())
                 rows.append(
@@ -243,6 +247,12 @@ def read_labels(path: str) -> pd.DataFrame:
     return out
 
 
+def asked_artifacts(prompts: Sequence[str]) -> np.ndarray:
+    """(N, 4): whether each prompt (a slug) asks for each artifact, in ``ARTIFACTS`` order."""
+    labels = np.array([prompt_from_slug(p).labels for p in prompts])
+    return labels[:, [ATTRIBUTES.index(a) for a in ARTIFACTS]]
+
+
 def label_accuracy(
     labels: pd.DataFrame, scores: Mapping[str, pd.DataFrame], classifiers: Sequence[str]
 ) -> pd.DataFrame:
@@ -263,9 +273,7 @@ def label_accuracy(
                 raise ValueError(f"labels: {model} samples {absent[:3]} have no scores")
             pred = seen.loc[keys, ARTIFACTS].to_numpy(float)
             truth = part[ARTIFACTS].to_numpy(float)
-            want = np.array([prompt_from_slug(p).labels for p in part["prompt"]])[
-                :, [ATTRIBUTES.index(a) for a in ARTIFACTS]
-            ]
+            want = asked_artifacts(part["prompt"])
             for k, a in enumerate(ARTIFACTS):
                 hits[a] += list(np.where(np.isnan(pred[:, k]), np.nan, pred[:, k] == truth[:, k]))
             apr_pred = np.where(np.isnan(pred).any(1), np.nan, (pred == want).all(1))
@@ -287,9 +295,7 @@ def labelled_change(labels: pd.DataFrame) -> dict[str, float]:
     disagree, so this is not the models' APR, only the labels' verdict on those samples)."""
     out = {}
     for model, part in labels.groupby("model", sort=False):
-        want = np.array([prompt_from_slug(p).labels for p in part["prompt"]])[
-            :, [ATTRIBUTES.index(a) for a in ARTIFACTS]
-        ]
+        want = asked_artifacts(part["prompt"])
         out[model] = float((part[ARTIFACTS].to_numpy() == want).all(1).mean())
     return out
 
