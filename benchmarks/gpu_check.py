@@ -386,6 +386,8 @@ def ddpo_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
         "mixed_precision": "fp16" if plan.cuda else "bf16",  # fp16 needs a GPU
         "sample_batch_size": plan.sample_batch,
         "batch_size": plan.train_batch,
+        # every trajectory of the short iteration in one optimizer step, as the paper's 128
+        "rows_per_step": plan.trajectories,
         "trainable": "lora",
         "lora_rank": 4,
     }
@@ -424,6 +426,16 @@ def ddpo_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
         "s",
         "measured",
     )
+    # the on-policy check under the paper's fp16 (review N-8): max |ratio - 1| of the first
+    # minibatch before any update; above clip_range 1e-4, rounding alone clips some actions
+    report.add(
+        section,
+        "first iteration's ratio_deviation (max |ratio - 1| before the update)",
+        float(row["ratio_deviation"]),
+        "",
+        f"measured; clip_range {cfg['clip_range']:g}",
+    )
+    report.add(section, "first iteration's clipfrac", float(row["clipfrac"]), "", "measured")
     peak(report, section, plan)
     report.note(section, "constant reward: the reward classifier's time is not included")
     return float(row["sample_seconds"] + row["reward_seconds"] + row["update_seconds"]) / n

@@ -1,8 +1,10 @@
 import os
 import sys
 
+from snakemake import __version__ as SNAKEMAKE_VERSION
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 # No model hub at run time: every weight comes from a local path in the config.
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -16,6 +18,7 @@ os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 # the package's stdlib-only modules (config messages, the one prompt builder), importable here
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 from rl4med.config import invalid_key
+from rl4med.hpc import snakemake_mismatch
 
 
 def validate_config(cfg):
@@ -76,8 +79,18 @@ def classifier_dirs(names=CLASSIFIERS):
     return {name: f"results/models/classifier_{name}" for name in names}
 
 
-# Apptainer image of all rules with --sdm apptainer (a .sif path or a docker URI); null = none
+# Apptainer image of all rules with --sdm apptainer (a .sif path or a docker URI); null = none.
+# containers/rl4med.def (CUDA 13.0, driver >= 580) or rl4med-cu128.def (CUDA 12.8, driver >= 570):
+# pick one with --config container=containers/rl4med-cu128.sif (docs/cluster.md).
 CONTAINER = config["container"]
+
+# Each job's script unpickles what the host's Snakemake wrote with the container's Snakemake:
+# with an image, stop now if their major.minor differ, not in every job after its queue wait.
+if CONTAINER and DeploymentMethod.APPTAINER in workflow.deployment_settings.deployment_method:
+    with open(os.path.join(workflow.basedir, "containers", "constraints.txt")) as f:
+        _problem = snakemake_mismatch(SNAKEMAKE_VERSION, f.read())
+    if _problem:
+        raise WorkflowError(_problem)
 
 DATA_SOURCE = config["data"]["source"]
 MANIFEST = "results/data/manifest.csv"
@@ -113,7 +126,7 @@ def sd_base_path(wildcards, input):
 # or, when ddpo.max_iterations exceeds the LoRA's iterations, DDPO continues from it. Their
 # paths are params, not inputs, so the config dry-runs where the files are not.
 PUBLISHED = config.get("published") or {}
-PUBLISHED_LORA_ITERATIONS = int(PUBLISHED.get("lora_iterations", 50)) if PUBLISHED else 0
+PUBLISHED_LORA_ITERATIONS = int(PUBLISHED.get("lora_iterations", 51)) if PUBLISHED else 0
 # does the ddpo rule run (always without published weights; with them only to continue)?
 RUN_DDPO = not PUBLISHED or config["ddpo"]["max_iterations"] > PUBLISHED_LORA_ITERATIONS
 
@@ -131,6 +144,16 @@ def ddpo_settings():
 
 # evaluation: SD (stage i) and SD+RL (stage ii) sampled from the same noise, by these keys
 GENERATE_KEYS = ("seed", "samples_per_prompt", "num_steps", "guidance_scale", "eta", "batch_size")
+# How samples are stored (evaluation.sample_format: png | jpeg75) and the metrics' real images
+# read (evaluation.crop: none | center). Neither has a schema default (absent: png, none, as
+# before the keys): a rule's params carry them only where the config sets them, so a run from
+# before them keeps its params and none of its jobs is redone.
+SAMPLE_FORMAT_KEY = {
+    k: config["evaluation"][k] for k in ("sample_format",) if k in config["evaluation"]
+}
+REAL_IMAGE_KEYS = {
+    k: config["evaluation"][k] for k in ("sample_format", "crop") if k in config["evaluation"]
+}
 MODEL_DIRS = {"sd": "results/models/sd", "sd_rl": "results/models/sd_rl"}
 EVAL_MODELS = list(MODEL_DIRS)
 SD_IMAGE_SIZE = (
@@ -182,6 +205,14 @@ def processes(rule_name):
     table = config.get("resources", {})
     n = table.get(rule_name, {}).get("processes", table.get("default", {}).get("processes"))
     return int(n) if n else max(1, int(resource(rule_name, "gpus")))
+
+
+def launch_mem_mb(rule_name):
+    """Memory of a finetune_sd / ddpo job: mem_mb for its first process plus
+    mem_mb_per_process for every further one (each rank holds its own model, optimizer,
+    DataLoader workers and CUDA context on the host)."""
+    extra = config.get("resources", {}).get(rule_name, {}).get("mem_mb_per_process", 0)
+    return int(resource(rule_name, "mem_mb")) + int(extra) * (processes(rule_name) - 1)
 
 
 def tracking(run_name):

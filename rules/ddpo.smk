@@ -29,7 +29,7 @@ if RUN_DDPO:
         priority: 10
         threads: resource("ddpo", "cpus")
         resources:
-            mem_mb=resource("ddpo", "mem_mb"),
+            mem_mb=launch_mem_mb("ddpo"),
             runtime=resource("ddpo", "runtime"),
             gpu=resource("ddpo", "gpus"),
         conda:

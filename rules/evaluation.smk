@@ -18,8 +18,9 @@ rule generate:
     log:
         "logs/samples/{model}/{prompt}.log",
     params:
-        # only the keys a sampling job uses: another evaluation key (the judges) reruns none
-        cfg={k: config["evaluation"][k] for k in GENERATE_KEYS},
+        # only the keys a sampling job uses: another evaluation key (the judges) reruns none;
+        # the storage (png | jpeg75) where the config sets it
+        cfg={**{k: config["evaluation"][k] for k in GENERATE_KEYS}, **SAMPLE_FORMAT_KEY},
         device=config["sd"]["device"],
         dtype=config["sd"]["dtype"],
     # SD+RL's samples before SD's: they end the critical path
@@ -106,6 +107,8 @@ rule real_features:
         image_size=SD_IMAGE_SIZE,
         device=config["sd"]["device"],
         batch_size=config["evaluation"]["batch_size"],
+        # sample_format (jpeg75: the real images as JPEGs of quality 75) and crop, when set
+        **REAL_IMAGE_KEYS,
     threads: resource("real_features", "cpus")
     resources:
         mem_mb=resource("real_features", "mem_mb"),
@@ -133,6 +136,8 @@ rule fd:
         uint8_wrap=config["evaluation"]["fid"]["uint8_wrap"],
         device=config["sd"]["device"],
         batch_size=config["evaluation"]["batch_size"],
+        # named in the metric's label, as in real_features' (when set)
+        **REAL_IMAGE_KEYS,
     threads: resource("fd", "cpus")
     resources:
         mem_mb=resource("fd", "mem_mb"),
@@ -159,6 +164,8 @@ rule lpips:
         seed=config["evaluation"]["seed"],
         device=config["sd"]["device"],
         batch_size=config["evaluation"]["batch_size"],
+        # how the real partners are read: sample_format and crop (when set)
+        **REAL_IMAGE_KEYS,
     threads: resource("lpips", "cpus")
     resources:
         mem_mb=resource("lpips", "mem_mb"),

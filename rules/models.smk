@@ -104,7 +104,7 @@ if not PUBLISHED:
         priority: 10
         threads: resource("finetune_sd", "cpus")
         resources:
-            mem_mb=resource("finetune_sd", "mem_mb"),
+            mem_mb=launch_mem_mb("finetune_sd"),
             runtime=resource("finetune_sd", "runtime"),
             gpu=resource("finetune_sd", "gpus"),
         conda:

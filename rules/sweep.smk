@@ -23,7 +23,7 @@ if SWEEP:
             setting="|".join(re.escape(s) for s in SWEEP_SETTINGS),
         threads: resource("ddpo", "cpus")
         resources:
-            mem_mb=resource("ddpo", "mem_mb"),
+            mem_mb=launch_mem_mb("ddpo"),
             runtime=resource("ddpo", "runtime"),
             gpu=resource("ddpo", "gpus"),
         conda:

@@ -24,6 +24,9 @@ def main() -> None:
         lambda: load_classifier(smk.input.judge, device),
         device,
         bool(smk.params.uint8_wrap),
+        # named in the label, which must equal the cached real statistics' (real_features)
+        smk.params.get("sample_format", "png"),
+        smk.params.get("crop", "none"),
     )
     batches = iter_samples(list(smk.input.samples), int(smk.params.batch_size), smk.threads)
     table = model_fd(smk.input.real, space, ((x, prompt_labels(i)) for x, i in batches))

@@ -29,6 +29,8 @@ def main() -> None:
         float(cfg["eta"]),
         int(cfg["batch_size"]),
         smk.output.samples,
+        # evaluation.sample_format: png when the config names none
+        cfg.get("sample_format", "png"),
     )
 
 

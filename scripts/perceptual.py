@@ -32,6 +32,9 @@ def main() -> None:
         int(smk.params.seed),
         int(smk.params.batch_size),
         smk.threads,
+        # evaluation.crop and evaluation.sample_format, in the params only when set
+        crop=smk.params.get("crop", "none"),
+        sample_format=smk.params.get("sample_format", "png"),
     )
     table.insert(0, "model", smk.wildcards.model)
     write_table(table, smk.output.table)

@@ -1,5 +1,6 @@
 """Snakemake entry point: feature statistics of the real test images (resized without
-cropping, as the authors compute FID), computed once."""
+cropping, as the authors compute FID; with evaluation.sample_format jpeg75 stored and read back
+as JPEGs of quality 75, as theirs), computed once."""
 
 import sys
 from pathlib import Path
@@ -26,6 +27,9 @@ def main() -> None:
         lambda: load_classifier(smk.input.judge, device),
         device,
         bool(smk.params.uint8_wrap),
+        # evaluation.sample_format and evaluation.crop, in the params only when set
+        smk.params.get("sample_format", "png"),
+        smk.params.get("crop", "none"),
     )
     real = read_manifest(smk.input.manifest, REAL_SPLIT)
     counts = real_statistics(
@@ -35,6 +39,8 @@ def main() -> None:
         smk.output.stats,
         int(smk.params.batch_size),
         smk.threads,
+        crop=smk.params.get("crop", "none"),
+        sample_format=smk.params.get("sample_format", "png"),
     )
     logging.getLogger("rl4med").info(
         "%s statistics of the real %s images: %s", space.label, REAL_SPLIT, counts

@@ -19,6 +19,7 @@ from rl4med.ddpo.train import (
     RATIO_TOLERANCE,
     CheckpointMismatchError,
     Settings,
+    accumulation_steps,
     ddpo_train,
     ppo_loss,
 )
@@ -392,6 +393,21 @@ def test_auto_precision_follows_the_hardware(monkeypatch, caplog):
         Settings.from_config({**DDPO, "mixed_precision": "fp8"})
 
 
+def test_rows_per_step_keeps_the_optimizer_steps_whatever_the_process_count():
+    """The paper config's 128 trajectories per step: accumulation 32 on 1 GPU, 8 on 4; without
+    rows_per_step the accumulation is per process and 4 GPUs make each step 4 times larger."""
+    paper = Settings.from_config({**DDPO, "batch_size": 4, "rows_per_step": 128})
+    assert [accumulation_steps(paper, n) for n in (1, 2, 4)] == [32, 16, 8]
+    legacy = Settings.from_config({**DDPO, "batch_size": 4, "gradient_accumulation_steps": 32})
+    assert [accumulation_steps(legacy, n) for n in (1, 4)] == [32, 32]
+    with pytest.raises(ValueError, match=r"rows_per_step 128 does not split over 3"):
+        accumulation_steps(paper, 3)
+    with pytest.raises(ValueError, match=r"set ddpo.batch_size to a divisor of 16"):
+        accumulation_steps(Settings.from_config({**DDPO, "batch_size": 6, "rows_per_step": 128}), 8)
+    with pytest.raises(ValueError, match="set one of them"):
+        Settings.from_config({**DDPO, "rows_per_step": 128, "gradient_accumulation_steps": 2})
+
+
 def test_settings_name_the_bad_key():
     with pytest.raises(ValueError, match="quote"):
         Settings.from_config({**DDPO, "mixed_precision": False})  # YAML's bare `no`
@@ -407,15 +423,16 @@ def test_settings_name_the_bad_key():
 
     schema = yaml.safe_load((Path(__file__).parents[1] / "schemas/config.schema.yaml").read_text())
     keys = schema["properties"]["ddpo"]["properties"]
-    from rl4med.ddpo.train import FROM_WORKFLOW
+    from rl4med.ddpo.train import FROM_WORKFLOW, OPTIONAL
 
     defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
     assert set(FROM_WORKFLOW) <= set(defaults)
     defaults = {k: v for k, v in defaults.items() if k not in FROM_WORKFLOW}
     assert set(keys) == set(defaults)
     assert {k: v["default"] for k, v in keys.items() if "default" in v} == {
-        k: v for k, v in defaults.items() if v is not dataclasses.MISSING
+        k: v for k, v in defaults.items() if v is not dataclasses.MISSING and k not in OPTIONAL
     }
+    assert all(defaults[k] == 0 and "default" not in keys[k] for k in OPTIONAL)
 
 
 def _scalars(folder):

@@ -1,6 +1,7 @@
 """Several processes under accelerate launch (2 CPU processes, gloo), through the launcher the
 finetune_sd and ddpo rules use: each child is one of 2 processes, stage i trains the same model
-as one process, DDPO samples the same first iteration and both ranks end with the same weights."""
+as one process, DDPO samples the same first iteration, takes as many optimizer steps and both
+ranks end with the same weights."""
 
 import re
 
@@ -41,7 +42,10 @@ DDPO = {
     "num_steps": 3,
     "guidance_scale": 2.0,
     "inner_epochs": 1,
-    "batch_size": 16,
+    # 16 trajectories per optimizer step whatever the process count: accumulation 2 on one
+    # process, 1 on each of two
+    "batch_size": 8,
+    "rows_per_step": 16,
     "clip_range": 0.2,
     "adv_clip_max": 5.0,
     "learning_rate": 0.0001,
@@ -154,6 +158,8 @@ def test_ddpo_in_two_processes_samples_as_one_and_keeps_the_ranks_equal(inputs, 
 
     one = pd.read_csv(tmp_path / "one" / "iterations.tsv", sep="\t")
     two = pd.read_csv(tmp_path / "two" / "iterations.tsv", sep="\t")
+    # the same optimizer steps per iteration (32 trajectories / 16) on 1 and on 2 processes
+    assert one["optimizer_steps"].tolist() == two["optimizer_steps"].tolist() == [2, 2]
     rewards = ["reward_mean", *(f"reward_{slug}" for slug in all_slugs())]
     assert np.allclose(one.loc[0, rewards].astype(float), two.loc[0, rewards].astype(float))
     trained = load_sd(tmp_path / "two" / "model").unet.state_dict()

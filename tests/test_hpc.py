@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -57,8 +58,13 @@ def constraints():
     return {name.lower().replace("_", "-"): version for name, version in pairs}
 
 
-def test_container_definition_pins_what_pyproject_pins():
-    recipe = next(iter(SingularityParser(str(REPO / "containers/rl4med.def")).recipe.values()))
+@pytest.mark.parametrize(
+    "definition, constraints_file, driver",
+    [("rl4med.def", "constraints.txt", 580), ("rl4med-cu128.def", "constraints-cu128.txt", 570)],
+)
+def test_container_definition_pins_what_pyproject_pins(definition, constraints_file, driver):
+    """Both builds (CUDA 13.0, CUDA 12.8; tests/test_containers.py checks their torch builds)."""
+    recipe = next(iter(SingularityParser(str(REPO / "containers" / definition)).recipe.values()))
     # torch's PyPI wheel brings CUDA 13 itself: a plain Python base, not a second CUDA
     assert recipe.fromHeader.startswith("python:3.11") and "cuda" not in recipe.fromHeader
     installed = pins(re.findall(r'"([^"]+)"', "\n".join(recipe.install)))
@@ -68,8 +74,8 @@ def test_container_definition_pins_what_pyproject_pins():
     deps = [
         line for line in pip_installs if "--upgrade pip" not in line and "--no-deps" not in line
     ]
-    assert len(deps) == 2 and all("-c /opt/rl4med/constraints.txt" in line for line in deps)
-    assert "containers/constraints.txt /opt/rl4med/constraints.txt" in recipe.files
+    assert len(deps) == 2 and all(f"-c /opt/rl4med/{constraints_file}" in line for line in deps)
+    assert f"containers/{constraints_file} /opt/rl4med/{constraints_file}" in recipe.files
     assert "HF_HUB_OFFLINE=1" in recipe.environ
     assert any("org.opencontainers.image.version 0.1.0" in label for label in recipe.labels)
     # spython turns %test into a /tests.sh written during the build
@@ -77,9 +83,9 @@ def test_container_definition_pins_what_pyproject_pins():
     test = "\n".join(line for line in recipe.install if "/tests.sh" in line)
     assert "import rl4med" in test and "torch.cuda.is_available()" in test
     assert "/dev/nvidia0" in test and "exit 1" in test  # a visible but unusable GPU fails
-    text = (REPO / "containers/rl4med.def").read_text()
+    text = (REPO / "containers" / definition).read_text()
     assert "%help" in text and "pip install --no-cache-dir --no-deps /opt/rl4med" in text
-    assert "driver >= 580" in text.split("%help")[1].split("%files")[0]
+    assert f"driver >= {driver}" in text.split("%help")[1].split("%files")[0]
 
 
 def test_constraints_are_the_tested_versions_within_pyproject_pins():
@@ -102,13 +108,15 @@ def test_conda_envs_pin_what_pyproject_pins(env):
     listed = pins([d for d in conda if not d.startswith(("python", "pip"))] + pip)
     assert listed, env
     for name, specifier in listed.items():
-        assert PROJECT_PINS.get(name) == specifier, f"{env}: {name} {specifier}"
+        version = re.sub(r"\+cu\d+$", "", specifier)  # torch-cu128.yaml: the +cu128 builds
+        assert PROJECT_PINS.get(name) == version, f"{env}: {name} {specifier}"
     python = next(d for d in conda if d.startswith("python "))
     assert python.replace(" ", "") == "python=3.11"
 
 
-def test_torch_env_holds_every_runtime_dependency_but_snakemake():
-    spec = yaml.safe_load((REPO / "envs/torch.yaml").read_text())
+@pytest.mark.parametrize("env", ["torch.yaml", "torch-cu128.yaml"])
+def test_torch_env_holds_every_runtime_dependency_but_snakemake(env):
+    spec = yaml.safe_load((REPO / "envs" / env).read_text())
     names = set(
         pins(
             [d for d in spec["dependencies"] if isinstance(d, str)]
@@ -159,7 +167,11 @@ def test_paper_scale_config_with_the_slurm_profile(isic, monkeypatch, apptainer_
     # GPU counts of the config reach the Slurm jobs (--gpus=N), e.g. DDPO on 4 GPUs
     cfg["resources"]["ddpo"]["gpus"] = 4
     cfg["resources"]["finetune_sd"]["gpus"] = 2
-    monkeypatch.setenv("RL4MED_SLURM_PARTITION", "gpu")
+    # CPU jobs to the CPU partition, GPU jobs to the GPU partition (the one variable of before
+    # stands in for an unset one: test_slurm_partitions_and_account_from_the_environment)
+    monkeypatch.setenv("RL4MED_SLURM_CPU_PARTITION", "cpu")
+    monkeypatch.setenv("RL4MED_SLURM_GPU_PARTITION", "gpu")
+    monkeypatch.setenv("RL4MED_SLURM_PARTITION", "one-for-all")
     monkeypatch.setenv("RL4MED_SLURM_ACCOUNT", "proj42")
     proc = snakemake(
         "-n",
@@ -176,10 +188,13 @@ def test_paper_scale_config_with_the_slurm_profile(isic, monkeypatch, apptainer_
     assert len(listing) == sum(counts.values())
     for rule, res in listing:
         want = cfg["resources"].get(rule, {})
-        assert res["slurm_partition"] == "gpu" and res["slurm_account"] == "proj42", rule
+        partition = "gpu" if int(res.get("gpu", "0")) else "cpu"
+        assert res["slurm_partition"] == partition and res["slurm_account"] == "proj42", rule
         if rule in GPU_RULES:
             assert int(res["gpu"]) == want["gpus"], rule
-            assert int(res["mem_mb"]) == want["mem_mb"], rule
+            # finetune_sd / ddpo: mem_mb for the first process, mem_mb_per_process for each other
+            extra = want.get("mem_mb_per_process", 0) * (want["gpus"] - 1)
+            assert int(res["mem_mb"]) == want["mem_mb"] + extra, rule
             assert int(res["runtime"]) == want["runtime"], rule
         else:
             assert res.get("gpu", "0") == "0", rule
@@ -189,6 +204,120 @@ def test_paper_scale_config_with_the_slurm_profile(isic, monkeypatch, apptainer_
         ["2", "4"],
         ["4", "2"],
     )
+
+
+PROFILE = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+
+
+def profile_value(expression):
+    """A resource of the profile as Snakemake evaluates it (env variables, then Python)."""
+    return eval(os.path.expandvars(expression), {})
+
+
+@pytest.mark.parametrize(
+    "env, cpu, gpu",
+    [
+        ({"RL4MED_SLURM_CPU_PARTITION": "c", "RL4MED_SLURM_GPU_PARTITION": "g"}, "c", "g"),
+        ({"RL4MED_SLURM_PARTITION": "p"}, "p", "p"),  # the one variable of before
+        ({"RL4MED_SLURM_PARTITION": "p", "RL4MED_SLURM_GPU_PARTITION": "g"}, "p", "g"),
+        ({}, "", ""),  # no partition: sbatch's default
+    ],
+)
+def test_slurm_partitions_and_account_from_the_environment(monkeypatch, env, cpu, gpu):
+    for name in ("CPU_PARTITION", "GPU_PARTITION", "PARTITION", "ACCOUNT"):
+        monkeypatch.delenv(f"RL4MED_SLURM_{name}", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    defaults = PROFILE["default-resources"]
+    gpu_rules = PROFILE["set-resources"]
+    assert profile_value(defaults["slurm_partition"]) == cpu
+    assert {profile_value(res["slurm_partition"]) for res in gpu_rules.values()} == {gpu}
+    # no account set: none passed (the plugin guesses one), not the variable's name
+    assert profile_value(defaults["slurm_account"]) == ""
+    monkeypatch.setenv("RL4MED_SLURM_ACCOUNT", "proj42")
+    assert profile_value(defaults["slurm_account"]) == "proj42"
+
+
+def test_the_slurm_profile_sends_every_gpu_rule_to_the_gpu_partition():
+    """The profile's GPU rules: each rule that can ask for GPUs and that a shipped config gives
+    GPUs (gpu-check's list of the rules that run a network), and ddpo_sweep (ddpo's GPUs)."""
+    listed = set(PROFILE["set-resources"])
+    rules_text = "\n".join(p.read_text() for p in (REPO / "rules").glob("*.smk"))
+    for rule in listed:
+        assert re.search(rf"rule {rule}:(?:(?!\n    rule ).)*gpu=resource\(", rules_text, re.S)
+    given_gpus = {
+        rule
+        for path in [REPO / "config.yaml", *(REPO / "config").glob("*.yaml")]
+        for rule, res in (yaml.safe_load(path.read_text()).get("resources") or {}).items()
+        if rule != "default" and (res or {}).get("gpus", 0)
+    }
+    assert given_gpus <= listed and listed == given_gpus | {"ddpo_sweep"}
+    assert set(load("config/gpu-check.yaml")["resources"]) == given_gpus
+    # the plugin's own options for logs and the efficiency report
+    assert PROFILE["slurm-logdir"] == "logs/slurm" and PROFILE["slurm-efficiency-report"]
+
+
+@pytest.mark.parametrize("name", ["config/isic2019-sd15.yaml", "config/isic2019-published.yaml"])
+def test_paper_scale_runtimes_fit_a_24_hour_partition(name):
+    """Longer runs are carried by checkpoints: finetune_sd and ddpo resume after a time-out."""
+    runtimes = {rule: res.get("runtime", 0) for rule, res in load(name)["resources"].items()}
+    assert max(runtimes.values()) <= 1440, runtimes
+
+
+def test_the_host_snakemake_must_match_the_containers():
+    from rl4med.hpc import SNAKEMAKE_FIX, major_minor, pinned_version, snakemake_mismatch
+
+    text = (REPO / "containers/constraints.txt").read_text()
+    pinned = pinned_version(text, "snakemake")
+    assert pinned == constraints()["snakemake"]
+    commented = "# snakemake==1.0\nSnakeMake==9.27.1  # pinned\n"
+    assert pinned_version(commented, "snakemake") == "9.27.1"
+    assert pinned_version("snakemake-executor-plugin-slurm==2.8.0\n", "snakemake") is None
+    assert major_minor("9.27.1.post2+g1234") == (9, 27)
+    assert snakemake_mismatch(pinned, text) is None
+    major, minor = major_minor(pinned)
+    assert snakemake_mismatch(f"{major}.{minor}.999", text) is None  # patch versions may differ
+    message = snakemake_mismatch(f"{major}.{minor + 1}.0", text)
+    assert f"{major}.{minor + 1}.0" in message and pinned in message and SNAKEMAKE_FIX in message
+    assert "pins no snakemake" in snakemake_mismatch("9.27.1", "torch==2.14.1\n")
+
+
+def test_a_host_snakemake_of_another_minor_version_stops_at_start_up(
+    tmp_path, apptainer_version_only
+):
+    """With an image the workflow stops before any job; without one (container: null) the
+    host's version does not matter."""
+    pinned = constraints()["snakemake"]
+    major = pinned.split(".")[0]
+    # the Snakefile asks for >= 9.0 itself: an older minor of this major passes that check
+    run = (
+        "import sys, snakemake; snakemake.__version__ = sys.argv[1]; "
+        "from snakemake.cli import main; main(sys.argv[2:])"
+    )
+    args = ["-s", str(REPO / "Snakefile"), "-n", "--sdm", "apptainer"]
+    args += ["--configfile", str(REPO / "config/isic2019-sd15.yaml")]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [sys.executable, "-c", run, f"{major}.0.0", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert f"This Snakemake is {major}.0.0, the container's is {pinned}" in out, out[-3000:]
+    assert "pip install -c containers/constraints.txt snakemake" in out
+    proc = subprocess.run(
+        [sys.executable, "-c", run, f"{major}.0.0", *args, "--config", "container="],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
 
 def test_apptainer_deployment_is_accepted_in_a_dry_run(tmp_path, apptainer_version_only):

@@ -847,7 +847,7 @@ def test_classifier_epochs_follow_balance_power(data, monkeypatch):
     """The training epoch reads the balanced order: crowded images more often with power 1."""
     seen = {}
 
-    def spy(df, size, bs, workers, dev, order, drop_last):
+    def spy(df, size, bs, workers, dev, order, drop_last, **kw):
         seen["order"] = np.asarray(order)
         raise StopIteration  # the order is all this test needs
 

@@ -40,6 +40,7 @@ CLASSIFIERS = {
         ("tf_efficientnet_b0", "efficientnet"),
         ("mobilenetv3_large_100", "mobilenet"),
         ("regnetx_004", "regnet"),
+        ("ese_vovnet19b_slim_dw", "vovnet"),
         ("convnext_atto", "convnext"),
         ("rl4med/smallcnn", "smallcnn"),
     ],

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import subprocess
 import sys
 
@@ -358,10 +359,11 @@ def test_ddpo_adapters_started_from_the_lora_are_the_merged_model(base_unet, tmp
         init_adapters_from_attn_lora(copy.deepcopy(base_unet), lora)
 
 
-def test_ddpo_continues_from_the_lora_and_counts_on(tmp_path):
-    """ddpo_train with init_lora/start_iteration (what the workflow sets from `published`):
-    the first iteration is 51, and with a learning rate of 0 the saved SD+RL is the stage-i
-    UNet with the LoRA merged."""
+def test_ddpo_continues_from_the_lora_and_counts_on(tmp_path, caplog):
+    """ddpo_train with init_lora/start_iteration (what the workflow sets from `published`:
+    their checkpoint_50 is 51 iterations): the first iteration is 52, the log says the optimizer
+    state is fresh, and with a learning rate of 0 the saved SD+RL is the stage-i UNet with the
+    LoRA merged."""
     tiny = tiny_sd_config(prediction_type="epsilon")
     sd = build_tiny_sd(tiny, 32)
     lora_dir = tmp_path / CHECKPOINT
@@ -375,8 +377,8 @@ def test_ddpo_continues_from_the_lora_and_counts_on(tmp_path):
 
     cfg = {
         "seed": 0,
-        "max_iterations": 51,
-        "start_iteration": 50,
+        "max_iterations": 52,
+        "start_iteration": 51,
         "init_lora": str(lora_dir),
         "samples_per_prompt": 2,
         "num_steps": 2,
@@ -395,8 +397,12 @@ def test_ddpo_continues_from_the_lora_and_counts_on(tmp_path):
     }
     prompts = [to_prompt("mel__hair"), to_prompt("nv__none")]
     out = tmp_path / "sd_rl"
-    curve = ddpo_train(sd, brightness, prompts, cfg, out, tmp_path / "log.tsv", tmp_path / "ckpt")
-    assert curve["iteration"].tolist() == [51]
+    with caplog.at_level(logging.INFO, logger="rl4med.ddpo.train"):
+        curve = ddpo_train(
+            sd, brightness, prompts, cfg, out, tmp_path / "log.tsv", tmp_path / "ckpt"
+        )
+    assert curve["iteration"].tolist() == [52]
+    assert "after its 51 iterations, with a fresh optimizer state" in caplog.text
     saved = load_sd(out).unet.state_dict()
     want = expected.state_dict()
     assert saved.keys() == want.keys()

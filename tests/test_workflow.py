@@ -166,13 +166,27 @@ def test_lint_is_clean():
             "'4G' is not of type 'integer'",
         ),
         (
-            lambda c: c["classifier"]["regnet"].update(architecture="resnet10t"),
-            "Invalid config: classifier.regnet.architecture: 'resnet10t' is the reward "
+            lambda c: c["classifier"]["vovnet"].update(architecture="resnet10t"),
+            "Invalid config: classifier.vovnet.architecture: 'resnet10t' is the reward "
             "classifier's (classifier.reward.architecture)",
         ),
         (
             lambda c: c["evaluation"].update(judges=["judge", "vit"]),
             "Invalid config: evaluation.judges: 'vit' has no settings; add classifier.vit",
+        ),
+        (
+            lambda c: c["evaluation"].update(sample_format="gif"),
+            "Invalid config at key 'evaluation.sample_format': 'gif' is not one of "
+            "['png', 'jpeg75']",
+        ),
+        (
+            lambda c: c["classifier"]["judge"].update(augment="rot90"),
+            "Invalid config at key 'classifier.judge.augment': 'rot90' is not one of "
+            "['ours', 'flips']",
+        ),
+        (
+            lambda c: c["finetune_sd"].update(crop="edges"),
+            "Invalid config at key 'finetune_sd.crop': 'edges' is not one of ['center', 'none']",
         ),
     ],
 )

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ import torch
 log = logging.getLogger("rl4med.launch")  # also when run as __main__
 
 ERROR_MARK = "rl4med: error"
+# collectives wait this long for the slowest rank (a rank-0 checkpoint write included)
+PROCESS_GROUP_TIMEOUT_MINUTES = 60
 # the last line of a child's Python traceback, e.g. "[rank1] torch.OutOfMemoryError: CUDA out of"
 FAILURE = re.compile(r"^\[rank\d+\] [\w.]*(Error|Exception|Interrupt): ")
 
@@ -275,7 +278,12 @@ def _check_processes(device: torch.device, expected: int) -> None:
     that is not told ``cpu=True`` silently runs alone)."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=device.type == "cpu")  # what the step's Accelerator will share
+    # what the step's Accelerator will share. The timeout bounds how long ranks wait in a
+    # collective (e.g. for rank 0 writing a ~14 GB stage-i checkpoint to a slow shared file
+    # system); NCCL's default of 10 minutes is too short there
+    state = PartialState(
+        cpu=device.type == "cpu", timeout=timedelta(minutes=PROCESS_GROUP_TIMEOUT_MINUTES)
+    )
     log.info("process %d of %d (%s)", state.process_index, state.num_processes, state.backend)
     if state.num_processes != expected:
         raise LaunchError(

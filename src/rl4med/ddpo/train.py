@@ -84,6 +84,7 @@ LOG_COLUMNS = (
     "clipfrac",
     "ratio_deviation",
     "loss",
+    "optimizer_steps",
     "lr",
     "seconds",
     "sample_seconds",
@@ -107,6 +108,9 @@ NOT_IN_FINGERPRINT = ("max_iterations", "sample_batch_size", "gradient_checkpoin
 # settings the workflow sets from config `published` (rules/common.smk ddpo_settings), not
 # keys of the config's ddpo section
 FROM_WORKFLOW = ("init_lora", "start_iteration")
+# schema keys without a schema default (a default would change every existing run's params):
+# 0 in the code means not set
+OPTIONAL = ("rows_per_step",)
 
 
 class CheckpointMismatchError(ValueError):
@@ -132,6 +136,9 @@ class Settings:
     eta: float = 1.0
     sample_batch_size: int = 64
     gradient_accumulation_steps: int = 1
+    # trajectories per optimizer step over all processes (0: not set, and
+    # gradient_accumulation_steps counts per process, ddpo-pytorch's meaning)
+    rows_per_step: int = 0
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     trainable: str = "full"
@@ -169,6 +176,14 @@ class Settings:
         for key in ("sample_batch_size", "batch_size", "gradient_accumulation_steps"):
             if getattr(settings, key) < 1:
                 raise ValueError(f"ddpo.{key} {getattr(settings, key)}: must be >= 1")
+        if settings.rows_per_step < 0:
+            raise ValueError(f"ddpo.rows_per_step {settings.rows_per_step}: must be >= 1")
+        if settings.rows_per_step and settings.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"ddpo.rows_per_step {settings.rows_per_step} and "
+                f"gradient_accumulation_steps {settings.gradient_accumulation_steps}: set one of "
+                "them (with rows_per_step the accumulation follows the process count)"
+            )
         if not 0 <= settings.start_iteration < settings.max_iterations:
             raise ValueError(
                 f"ddpo.max_iterations {settings.max_iterations} must exceed the "
@@ -180,6 +195,28 @@ class Settings:
                 f"{settings.init_lora} needs trainable: lora"
             )
         return settings
+
+
+def accumulation_steps(s: Settings, num_processes: int) -> int:
+    """Micro-batches of ``batch_size`` rows per optimizer step on each process.
+
+    With ``rows_per_step`` the optimizer steps per iteration do not depend on the process
+    count: 1 or 4 GPUs run the same experiment. Without it, ``gradient_accumulation_steps`` is
+    per process and every process added makes the steps larger and fewer.
+    """
+    if not s.rows_per_step:
+        return s.gradient_accumulation_steps
+    micro = s.batch_size * num_processes
+    if s.rows_per_step % micro:
+        raise ValueError(
+            f"ddpo.rows_per_step {s.rows_per_step} is not a multiple of batch_size "
+            f"{s.batch_size} x {num_processes} process(es) = {micro}: set ddpo.batch_size to a "
+            f"divisor of {s.rows_per_step // num_processes}"
+            if s.rows_per_step % num_processes == 0
+            else f"ddpo.rows_per_step {s.rows_per_step} does not split over {num_processes} "
+            "processes"
+        )
+    return s.rows_per_step // micro
 
 
 def _typed(name: str, value: Any, kind: str) -> Any:
@@ -265,6 +302,7 @@ class _Run:
     stopper: RewardPlateau
     history: list[dict[str, Any]] = field(default_factory=list)
     warned_clip: bool = False
+    accumulation: int = 1  # micro-batches per optimizer step on each process
 
 
 def ddpo_train(
@@ -330,10 +368,28 @@ def _setup(
             f"ddpo: {n} trajectories per iteration do not split evenly over "
             f"{accel.num_processes} processes (every process must take as many optimizer steps)"
         )
+    accumulation = accumulation_steps(s, accel.num_processes)
+    if s.rows_per_step and n % s.rows_per_step:
+        raise ValueError(
+            f"ddpo.rows_per_step {s.rows_per_step} does not divide the {n} trajectories of an "
+            "iteration (samples_per_prompt x 32 prompts): the last optimizer step would be smaller"
+        )
+    rows = s.batch_size * accumulation * accel.num_processes
+    log.info(
+        "ddpo: %d optimizer step(s) per inner epoch of %d trajectories each (batch_size %d x "
+        "accumulation %d x %d process(es))",
+        -(-n // rows),
+        rows,
+        s.batch_size,
+        accumulation,
+        accel.num_processes,
+    )
     sd.to(accel.device)
     unet = sd.unet
     texts = sd.prompt_texts(prompts)  # the stage-i model's template
     settings = {k: v for k, v in asdict(s).items() if k not in NOT_IN_FINGERPRINT}
+    if not s.rows_per_step:  # unset: runs from before the key resume as they were
+        settings.pop("rows_per_step")
     start_lora = read_attn_lora(s.init_lora) if s.init_lora else None
     # the stage-i weights are part of the run: a re-trained stage i never resumes an old run
     run_id = fingerprint(
@@ -383,6 +439,7 @@ def _setup(
         stopper=RewardPlateau(
             s.stop_epsilon, s.stop_patience, s.max_iterations - s.start_iteration
         ),
+        accumulation=accumulation,
     )
 
 
@@ -391,8 +448,11 @@ def _resume(run: _Run, checkpoint_dir: str | Path) -> tuple[int, str | None]:
     ckpt = load_latest_checkpoint(checkpoint_dir, run.run_id)
     if ckpt is None:
         if run.s.start_iteration:
+            # the published LoRA holds no optimizer state: AdamW's moments start from zero,
+            # where the authors' own continuation would have restored theirs
             log.info(
-                "DDPO continues from %s after its %d iterations",
+                "DDPO continues from %s after its %d iterations, with a fresh optimizer state "
+                "(AdamW moments from zero: the LoRA file holds none)",
                 run.s.init_lora,
                 run.s.start_iteration,
             )
@@ -509,8 +569,8 @@ def _update(
     steps = train_steps(len(traj.timesteps), s.train_timesteps, s.timestep_fraction, gen)
     run.unet.train()
     sums = torch.zeros(3, dtype=torch.float64, device=accel.device)
-    deviation, count = None, 0
-    per_step = s.batch_size * s.gradient_accumulation_steps  # rows of one optimizer step
+    deviation, count, updates = None, 0, 0
+    per_step = s.batch_size * run.accumulation  # this process's rows of one optimizer step
     for _ in range(s.inner_epochs):
         order = torch.randperm(len(traj.prompt_index), generator=gen)
         for start in range(0, len(order), per_step):
@@ -518,10 +578,12 @@ def _update(
             first = _optimizer_step(run, traj, group, adv, steps, sums)
             deviation = first if deviation is None else deviation
             count += len(steps) * len(group)
+            updates += 1
     run.lr_sched.step()
     means = accel.reduce(sums / count, reduction="mean").tolist()
     worst = float(accel.gather(deviation.reshape(1).float()).max())
-    return {**dict(zip(("loss", "approx_kl", "clipfrac"), means, strict=True)), "ratio": worst}
+    stats = dict(zip(("loss", "approx_kl", "clipfrac"), means, strict=True))
+    return {**stats, "ratio": worst, "optimizer_steps": updates}
 
 
 def _optimizer_step(
@@ -533,7 +595,7 @@ def _optimizer_step(
     sums: torch.Tensor,
 ) -> torch.Tensor:
     """One optimizer step: gradients accumulated over the micro-batches of ``group`` (at most
-    ``gradient_accumulation_steps`` of ``batch_size`` rows) and the trained chain positions.
+    ``run.accumulation`` of ``batch_size`` rows) and the trained chain positions.
 
     Adds loss, KL and clip fraction per position to ``sums``; returns max |ratio - 1| of the
     first micro-batch, before the step. Gradients are all-reduced once, with the last backward.
@@ -606,6 +668,7 @@ def _record(
         "clipfrac": stats["clipfrac"],
         "ratio_deviation": stats["ratio"],
         "loss": stats["loss"],
+        "optimizer_steps": stats["optimizer_steps"],
         "lr": run.opt.param_groups[0]["lr"],
         **times,
         **{f"match_{a}": float(m) for a, m in zip(ATTRIBUTES, matches.mean(0), strict=True)},

@@ -12,6 +12,11 @@ extractor, ``(x * 256).to(uint8)`` of x in [0, 1]: a pixel of 255 (x = 1) wraps 
 stay. It is applied to real and generated images alike and the label says so
 (``UINT8_WRAP_SUFFIX``), so a distance computed with it is never compared with one without.
 
+``evaluation.sample_format: jpeg75`` stores the samples as the authors' JPEGs of quality 75
+and passes every real image through the same encoder and decoder (``storage.real_image``), so
+both sides carry the same compression; ``evaluation.crop: center`` compares with the real
+images' centre squares instead. Either is named in the label (``storage.metric_label_suffix``).
+
 Images are streamed: features are folded batch by batch into running sums per group (float64),
 whose mean and covariance equal torch-fidelity's ``fid_features_to_statistics`` of all features.
 """
@@ -34,7 +39,13 @@ from torch_fidelity.metric_fid import (
 )
 
 from rl4med.checkpoint import read_state_dict
-from rl4med.data.images import loader_batches, manifest_loader
+from rl4med.data.images import ManifestImages, batch_loader, check_crop, loader_batches
+from rl4med.evaluation.storage import (
+    DEFAULT_SAMPLE_FORMAT,
+    check_sample_format,
+    metric_label_suffix,
+    real_image,
+)
 from rl4med.io import atomic_path
 from rl4med.models.classifier import AttributeClassifier
 
@@ -106,13 +117,19 @@ def load_space(
     judge: Callable[[], AttributeClassifier],
     device: torch.device,
     uint8_wrap: bool = False,
+    sample_format: str = DEFAULT_SAMPLE_FORMAT,
+    crop: str = "none",
 ) -> FeatureSpace:
-    """Inception (with weights) or the judge's features; with the authors' feed if asked."""
+    """Inception (with weights) or the judge's features; with the authors' feed if asked. The
+    label also names the samples' storage and the real images' crop where they are not the
+    defaults (png, none), so statistics of one are never compared with the other's."""
+    suffix = metric_label_suffix(check_sample_format(sample_format), check_crop(crop))
     if inception_weights:
         space = inception_space(inception_weights, device)
     else:
         space = judge_space(judge())
-    return with_uint8_wrap(space) if uint8_wrap else space
+    space = with_uint8_wrap(space) if uint8_wrap else space
+    return FeatureSpace(space.label + suffix, space.extract) if suffix else space
 
 
 def statistics(features: np.ndarray) -> dict[str, np.ndarray]:
@@ -242,6 +259,19 @@ def fd_rows(
     ]
 
 
+class RealImages(ManifestImages):
+    """(uint8 image (3, size, size), 6 labels) of a manifest's rows as the metrics read a real
+    image (``storage.real_image``: the crop, and jpeg75's round trip)."""
+
+    def __init__(self, manifest: pd.DataFrame, size: int, crop: str, sample_format: str) -> None:
+        super().__init__(manifest, size, check_crop(crop))
+        self.sample_format = check_sample_format(sample_format)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = real_image(self.paths[i], self.size, self.crop, self.sample_format)
+        return torch.from_numpy(image).permute(2, 0, 1).contiguous(), self.labels[i]
+
+
 def real_statistics(
     real: pd.DataFrame,
     space: FeatureSpace,
@@ -249,12 +279,16 @@ def real_statistics(
     out: str | os.PathLike[str],
     batch_size: int = 64,
     num_workers: int = 0,
+    crop: str = "none",
+    sample_format: str = DEFAULT_SAMPLE_FORMAT,
 ) -> dict[str, int]:
     """Features of the real images ``real`` (the workflow passes the test split), resized to
-    ``image_size`` without cropping as the authors do, streamed in batches; statistics per
-    group, cached."""
+    ``image_size`` without cropping as the authors do (``crop="center"``: their centre
+    squares), with jpeg75 stored and read back as JPEGs of quality 75 as the authors' reference
+    images, streamed in batches; statistics per group, cached."""
     acc = GroupStatistics()
-    loader = manifest_loader(real, image_size, batch_size, num_workers, crop="none")
+    data = RealImages(real, image_size, crop, sample_format)
+    loader = batch_loader(data, range(len(real)), batch_size, num_workers)
     for images, labels in loader_batches(loader):
         # uint8 (B, 3, H, W) -> (B, H, W, 3), the layout of samples; a view, no copy
         acc.update(space.extract(images.permute(0, 2, 3, 1).numpy()), labels.numpy())

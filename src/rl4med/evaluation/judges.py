@@ -37,6 +37,8 @@ FAMILY_ALIASES = {
     "regnety": "regnet",
     "regnetz": "regnet",
     "mobilenetv": "mobilenet",
+    "ese": "vovnet",  # ese_vovnet*: VoVNet with effective squeeze-excitation
+    "eca": "vovnet",
     "convnextv": "convnext",
     "deit": "vit",
     "tf": "efficientnet",  # tf_efficientnet_*

@@ -6,7 +6,10 @@ the prompt, not by the model, so SD and SD+RL meet the same real images) and pai
 as many pairs as the smaller side has, optionally capped (``evaluation.lpips.pairs_per_prompt``).
 Real images are resized to the samples' size without cropping. Prompts whose combination has
 no real image are reported with ``n_pairs = 0``; Table 3 averages over all pairs (prompts
-weighted by their pairs, ``rl4med.evaluation.apr.lpips_mean``). The AlexNet backbone comes from
+weighted by their pairs, ``rl4med.evaluation.apr.lpips_mean``). With ``evaluation.sample_format:
+jpeg75`` the real partners are stored and read back as JPEGs of quality 75, as the authors' (the
+samples are such JPEGs already), and ``evaluation.crop: center`` pairs with their centre
+squares; the label names either (``storage.metric_label_suffix``). The AlexNet backbone comes from
 a local torchvision state dict; without one the backbone is random (lpips ``pnet_rand``) and
 every output says so. Pairs are read in batches (DataLoader workers decode the PNG and the real
 JPEG), so only a batch of each is ever in memory.
@@ -27,8 +30,14 @@ from torch.utils.data import Dataset
 
 from rl4med.attributes import ATTRIBUTES
 from rl4med.checkpoint import read_state_dict
-from rl4med.data.images import batch_loader, load_image, loader_batches, to_float
+from rl4med.data.images import batch_loader, check_crop, loader_batches, to_float
 from rl4med.evaluation.samples import read_image
+from rl4med.evaluation.storage import (
+    DEFAULT_SAMPLE_FORMAT,
+    check_sample_format,
+    metric_label_suffix,
+    real_image,
+)
 from rl4med.prompts import all_slugs, prompt_from_slug
 
 LPIPS_LABEL = "LPIPS ({net})"
@@ -83,17 +92,27 @@ def lpips_distances(
 
 class PairImages(Dataset):
     """(sample, real partner) as uint8 (H, W, 3) each, the real image resized (not cropped) to
-    the sample's size, as the authors' metric code reads it."""
+    the sample's size, as the authors' metric code reads it (``storage.real_image``: or its
+    centre square, and jpeg75's round trip)."""
 
-    def __init__(self, samples: Sequence[str], reals: Sequence[str], size: int) -> None:
+    def __init__(
+        self,
+        samples: Sequence[str],
+        reals: Sequence[str],
+        size: int,
+        crop: str = "none",
+        sample_format: str = DEFAULT_SAMPLE_FORMAT,
+    ) -> None:
         self.samples, self.reals, self.size = list(samples), list(reals), size
+        self.crop, self.sample_format = check_crop(crop), check_sample_format(sample_format)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = torch.from_numpy(read_image(self.samples[i]))
-        return sample, torch.from_numpy(load_image(self.reals[i], self.size, crop="none"))
+        real = real_image(self.reals[i], self.size, self.crop, self.sample_format)
+        return sample, torch.from_numpy(real)
 
 
 def pair_with_real(
@@ -132,13 +151,18 @@ def lpips_table(
     seed: int,
     batch_size: int = 64,
     num_workers: int = 0,
+    crop: str = "none",
+    sample_format: str = DEFAULT_SAMPLE_FORMAT,
 ) -> pd.DataFrame:
     """Per prompt: number of real candidates and pairs, mean LPIPS (NaN without real images).
 
     ``index``: the model's samples (``sample_index``: prompt and path per row); ``real``: the
     real images to pair with (the workflow passes the test split); pairs as
     ``pair_with_real``. Only the paired samples and their partners are read, a batch at a time.
+    ``crop`` and ``sample_format``: how the real partners are read (``PairImages``); the
+    label names them where they are not the defaults.
     """
+    label += metric_label_suffix(check_sample_format(sample_format), check_crop(crop))
     prompts = index["prompt"].to_numpy()
     pairs = pair_with_real(prompts.tolist(), real, pairs_per_prompt, seed)
     dist = np.zeros(0)
@@ -146,7 +170,9 @@ def lpips_table(
         paths = index["path"].to_numpy()
         with Image.open(paths[pairs[0][0]]) as im:
             size = im.size[0]
-        data = PairImages([paths[r] for r, _ in pairs], [p for _, p in pairs], size)
+        data = PairImages(
+            [paths[r] for r, _ in pairs], [p for _, p in pairs], size, crop, sample_format
+        )
         loader = batch_loader(data, range(len(pairs)), batch_size, num_workers)
         dist = np.concatenate(
             [

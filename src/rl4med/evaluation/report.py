@@ -262,9 +262,12 @@ APR_NOTE = (
 )
 FID_NOTE = (
     "Real images for FD/FID and LPIPS: the test split, resized to the model's size without "
-    "cropping (as the authors). The FD/FID column's name says how images were fed: "
+    'cropping (as the authors; "real images centre-cropped" in a column\'s name: their centre '
+    "squares, evaluation.crop: center). The FD/FID column's name says how images were fed: "
     "\"authors' uint8 wrap\" = as the authors' code, a pixel of 255 fed as 0 "
-    "(evaluation.fid.uint8_wrap: true); otherwise the stored pixels unchanged."
+    '(evaluation.fid.uint8_wrap: true); otherwise the stored pixels unchanged. "JPEG q75" '
+    "in the FD/FID and LPIPS names: samples and real images stored as the authors' JPEGs of "
+    "quality 75 (evaluation.sample_format: jpeg75); otherwise samples are lossless PNGs."
 )
 
 

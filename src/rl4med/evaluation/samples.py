@@ -4,7 +4,11 @@ Seeds derive from (prompt, sample index) only, so SD and SD+RL start every sampl
 same initial noise (and, with eta > 0, the same per-step noise): samples are paired, and a
 per-sample difference between the models is the effect of DDPO alone.
 
-The metric rules read a model's samples (32 K PNGs at paper scale, 25 GB as uint8) only as a
+Samples are stored as ``evaluation.sample_format`` says (``rl4med.evaluation.storage``):
+rounded lossless PNGs (ours, the default) or, as the authors, truncated JPEGs of quality 75.
+Every reader takes a sample's file from its folder's index, so both read alike.
+
+The metric rules read a model's samples (32 K images at paper scale, 25 GB as uint8) only as a
 stream of batches (``iter_samples``), never all at once.
 """
 
@@ -22,6 +26,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from rl4med.evaluation import SAMPLE_INDEX
+from rl4med.evaluation.storage import (
+    DEFAULT_SAMPLE_FORMAT,
+    sample_rounding,
+    sample_suffix,
+    save_sample,
+)
 from rl4med.io import atomic_dir
 from rl4med.prompts import Prompt, all_slugs, prompt_from_slug
 
@@ -53,24 +63,34 @@ def generate_samples(
     eta: float,
     batch_size: int,
     out_dir: str | os.PathLike[str],
+    sample_format: str = DEFAULT_SAMPLE_FORMAT,
 ) -> list[dict[str, object]]:
-    """Write ``n`` PNGs and ``index.csv`` into ``out_dir``, all or nothing (atomic folder);
-    returns the index's rows (file, prompt, sample, seed)."""
+    """Write ``n`` samples and ``index.csv`` into ``out_dir``, all or nothing (atomic folder);
+    returns the index's rows (file, prompt, sample, seed). ``sample_format``: png (rounded,
+    lossless) or jpeg75 (truncated, ``.jpg`` of quality 75, as the authors)."""
     from rl4med.sampling import sample_images
 
     if n < 1:
         raise ValueError(f"samples_per_prompt must be at least 1, got {n}")
+    suffix, rounding = sample_suffix(sample_format), sample_rounding(sample_format)
     seeds = sample_seeds(prompt, n, seed)
     rows = []
     with atomic_dir(out_dir) as tmp:
         for start in tqdm(range(0, n, batch_size), desc=prompt.slug):
             chunk = seeds[start : start + batch_size]
             images = sample_images(
-                sd, [prompt] * len(chunk), chunk, num_steps, guidance_scale, eta, batch_size
+                sd,
+                [prompt] * len(chunk),
+                chunk,
+                num_steps,
+                guidance_scale,
+                eta,
+                batch_size,
+                rounding=rounding,
             )
             for i, (image, s) in enumerate(zip(images, chunk, strict=True)):
-                name = f"{start + i:05d}.png"
-                Image.fromarray(image).save(tmp / name)
+                name = f"{start + i:05d}{suffix}"
+                save_sample(image, tmp / name, sample_format)
                 rows.append({"file": name, "prompt": prompt.slug, "sample": start + i, "seed": s})
         with open(tmp / INDEX, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
@@ -105,7 +125,7 @@ def sample_index(folders: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """A sample PNG as RGB uint8 (H, W, 3)."""
+    """A sample (PNG or JPEG) as RGB uint8 (H, W, 3)."""
     try:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"), dtype=np.uint8)  # writable, for torch
@@ -148,7 +168,7 @@ def iter_samples(
     """(uint8 (B, H, W, 3), index rows) per folder and batch, in index order.
 
     Peak memory is a few batches however many samples there are; ``num_workers`` processes
-    decode the PNGs. Every folder's index is checked before the first image is read.
+    decode the images. Every folder's index is checked before the first image is read.
     """
     from rl4med.data.images import batch_loader, loader_batches
 

@@ -7,8 +7,11 @@ weights (ink is rare), augmentations that keep artifacts visible (flips, 90-degr
 jitter) and make it robust to generated samples (Gaussian noise, blur), early stopping on
 validation mean F1 and one decision threshold per head tuned on validation. The authors'
 recipe is a choice of keys: ``lr_schedule: cosine`` (CosineAnnealingLR over the epochs),
-``select_by: val_loss`` (the epoch of lowest validation loss kept) and ``tune_thresholds:
-false`` (every head at 0.5). Saved as ``model.safetensors`` + ``classifier.json``;
+``select_by: val_loss`` (the epoch of lowest validation loss kept), ``tune_thresholds:
+false`` (every head at 0.5), ``crop: none`` (every image squashed to a square, not cut to its
+centre square) and ``augment: flips`` (random horizontal and vertical flips only). A key left
+out keeps the behaviour from before it (``crop: center``, ``augment: ours``), so a run from
+then keeps its fingerprint. Saved as ``model.safetensors`` + ``classifier.json``;
 ``load_classifier`` is the one loader.
 
 A classifier may also have only some of the heads, in ``ATTRIBUTES`` order (``spec.attributes``;
@@ -45,6 +48,7 @@ from rl4med.attributes import ATTRIBUTES
 from rl4med.checkpoint import file_digest, fingerprint, load_latest_checkpoint, save_checkpoint
 from rl4med.data.images import (
     balanced_order,
+    check_crop,
     loader_batches,
     manifest_loader,
     to_float,
@@ -419,26 +423,61 @@ COSINE_MIN_LR = 1e-6
 """The authors' CosineAnnealingLR(T_max=epochs, eta_min=1e-6), stepped once per epoch."""
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, noise_max: float, blur_p: float) -> torch.Tensor:
-    """Flips, 90-degree turns, brightness/contrast jitter, Gaussian noise and blur.
+AUGMENTS = ("ours", "flips")
+"""ours: flips, 90-degree turns, brightness/contrast jitter; flips: the authors' recipe
+(torchvision RandomHorizontalFlip + RandomVerticalFlip). Noise and blur follow their own keys."""
+
+
+def classifier_crop(cfg: Mapping[str, Any]) -> str:
+    """The ``crop`` of a classifier's images: center when the key is absent (before it)."""
+    return check_crop(str(cfg.get("crop", "center")), "classifier crop")
+
+
+def classifier_augment(cfg: Mapping[str, Any]) -> str:
+    """The ``augment`` recipe: ours when the key is absent (before it)."""
+    mode = str(cfg.get("augment", "ours"))
+    if mode not in AUGMENTS:
+        raise ValueError(f"classifier augment {mode!r}: use one of {', '.join(AUGMENTS)}")
+    return mode
+
+
+def augment(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    noise_max: float,
+    blur_p: float,
+    mode: str = "ours",
+) -> torch.Tensor:
+    """Flips, 90-degree turns, brightness/contrast jitter (``mode="ours"``) or flips only
+    (``mode="flips"``, the authors'), then Gaussian noise and blur as their keys say.
 
     Geometric moves keep every artifact visible (a ruler stays along an edge); noise and blur
     mimic the residual noise of generated samples, which a classifier trained on clean images
-    reads as hair (shared/notes). Random draws come from ``gen`` on ``x``'s device.
+    reads as hair (shared/notes). Random draws come from ``gen`` on ``x``'s device. Ours draws
+    each flip and the turn once per batch, the jitter per image; flips draws each flip per
+    image, as the authors' torchvision transforms.
     """
+    if mode not in AUGMENTS:
+        raise ValueError(f"augment {mode!r}: use one of {', '.join(AUGMENTS)}")
     b, dev = x.shape[0], x.device
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.rand(shape, generator=gen, device=dev)
 
-    if rand() < 0.5:
-        x = x.flip(-1)
-    if rand() < 0.5:
-        x = x.flip(-2)
-    x = torch.rot90(x, int(torch.randint(0, 4, (), generator=gen, device=dev)), dims=(-2, -1))
-    scale = 1 + 0.15 * (rand(b, 1, 1, 1) * 2 - 1)
-    shift = 0.1 * (rand(b, 1, 1, 1) * 2 - 1)
-    x = x * scale + shift
+    if mode == "flips":
+        # per image, as torchvision's RandomHorizontalFlip / RandomVerticalFlip (p = 0.5)
+        h, v = rand(b) < 0.5, rand(b) < 0.5
+        x = torch.where(h.view(b, 1, 1, 1), x.flip(-1), x)
+        x = torch.where(v.view(b, 1, 1, 1), x.flip(-2), x)
+    else:
+        if rand() < 0.5:
+            x = x.flip(-1)
+        if rand() < 0.5:
+            x = x.flip(-2)
+        x = torch.rot90(x, int(torch.randint(0, 4, (), generator=gen, device=dev)), dims=(-2, -1))
+        scale = 1 + 0.15 * (rand(b, 1, 1, 1) * 2 - 1)
+        shift = 0.1 * (rand(b, 1, 1, 1) * 2 - 1)
+        x = x * scale + shift
     if blur_p > 0:
         blur = rand(b) < blur_p
         if blur.any():
@@ -488,6 +527,7 @@ def _setup(cfg: Mapping[str, Any], train_df: pd.DataFrame, device: torch.device)
         raise ValueError(f"classifier mixed_precision {precision!r}: use one of {MIXED_PRECISION}")
     autocast = precision == "bf16" or (precision == "auto" and native_bf16(device))
     log.info("classifier training: %s autocast on %s", "bf16" if autocast else "no", device.type)
+    log.info("images: crop %s, augment %s", classifier_crop(cfg), classifier_augment(cfg))
     spec = ClassifierSpec(
         architecture=str(cfg["architecture"]),
         image_size=size,
@@ -561,14 +601,23 @@ def _train_epoch(
     labels = train_df[list(ATTRIBUTES)].to_numpy()
     order = balanced_order(labels, seed, epoch, float(cfg.get("balance_power", 0.0)))
     loader = manifest_loader(
-        train_df, int(cfg["image_size"]), bs, num_workers, dev, order, drop_last=True
+        train_df,
+        int(cfg["image_size"]),
+        bs,
+        num_workers,
+        dev,
+        order,
+        drop_last=True,
+        crop=classifier_crop(cfg),
     )
+    mode = classifier_augment(cfg)
     model.train()
     losses = []
     desc = f"epoch {epoch + 1}/{cfg['epochs']}"
     for b, (images, y) in enumerate(tqdm(loader_batches(loader), total=len(loader), desc=desc)):
         gen = torch.Generator(device=dev).manual_seed(derived_seed(seed, epoch, b))
-        x = augment(to_float(images, dev), gen, float(cfg["noise_max"]), float(cfg["blur_p"]))
+        x = to_float(images, dev)
+        x = augment(x, gen, float(cfg["noise_max"]), float(cfg["blur_p"]), mode)
         if run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=run.autocast):
@@ -617,7 +666,12 @@ def _validate(run: _Training, val_df: pd.DataFrame, cfg: Mapping[str, Any], work
     """Validation mean F1 at 0.5 and loss; keep the best weights by ``select_by`` (F1, or the
     authors' lowest loss), count epochs without improvement."""
     loader = manifest_loader(
-        val_df, int(cfg["image_size"]), int(cfg["batch_size"]), workers, run.model.mean.device
+        val_df,
+        int(cfg["image_size"]),
+        int(cfg["batch_size"]),
+        workers,
+        run.model.mean.device,
+        crop=classifier_crop(cfg),
     )
     probs, y, loss = _val_outputs(run, loader_batches(loader))
     f1 = float(binary_metrics(y, probs >= 0.5)["f1"].mean())
@@ -674,7 +728,8 @@ def train_classifier(
 
     ``cfg``: architecture, pretrained_file, image_size, seed, epochs, patience, batch_size,
     learning_rate, weight_decay, max_pos_weight, noise_max, blur_p, mixed_precision,
-    lr_schedule (onecycle | cosine), select_by (val_f1 | val_loss), tune_thresholds. Model and
+    lr_schedule (onecycle | cosine), select_by (val_f1 | val_loss), tune_thresholds, crop
+    (center | none; train, validation and test images alike), augment (ours | flips). Model and
     batches live on ``device``; ``num_workers`` DataLoader processes decode the images; with
     ``checkpoint_dir`` every epoch is checkpointed and a re-run resumes from the last one (the
     batches and augmentations of an epoch depend only on (seed, epoch, batch)).
@@ -720,11 +775,11 @@ def _finish(
     """Best weights, thresholds tuned on validation, the classifier saved, test metrics and the
     noise-robustness table written."""
     model, size, bs = run.model, int(cfg["image_size"]), int(cfg["batch_size"])
-    dev = model.mean.device
+    dev, crop = model.mean.device, classifier_crop(cfg)
     if run.best_state is not None:
         model.backbone.load_state_dict(run.best_state)
     (probs,), y_val = stream_probs(
-        model, loader_batches(manifest_loader(val_df, size, bs, workers, dev))
+        model, loader_batches(manifest_loader(val_df, size, bs, workers, dev, crop=crop))
     )
     spec = model.spec
     if cfg.get("tune_thresholds", True):
@@ -736,7 +791,7 @@ def _finish(
     save_classifier(model, out_dir)
 
     (test_probs,), y_test = stream_probs(
-        model, loader_batches(manifest_loader(test_df, size, bs, workers, dev))
+        model, loader_batches(manifest_loader(test_df, size, bs, workers, dev, crop=crop))
     )
     test_pred = (test_probs >= np.array(spec.thresholds)).astype(int)
     metrics = binary_metrics(y_test, test_pred)
@@ -751,7 +806,7 @@ def _finish(
     )
     write_table(metrics[list(METRIC_COLUMNS)], metrics_tsv)
     if robustness_tsv is not None:
-        val_batches = loader_batches(manifest_loader(val_df, size, bs, workers, dev))
+        val_batches = loader_batches(manifest_loader(val_df, size, bs, workers, dev, crop=crop))
         write_table(robustness(model, val_batches, int(spec.seed)), robustness_tsv)
     return metrics
 
