@@ -98,7 +98,7 @@ if not PUBLISHED:
             # kept outside the outputs so a killed job resumes from them
             checkpoints="results/checkpoints/finetune_sd",
         # the critical path first (stage i -> reward classifier -> DDPO -> SD+RL samples): on
-        # few cores a job that needs them all otherwise waits behind shorter ones (README, demo).
+        # few cores a job that needs them all otherwise waits behind shorter ones (docs/performance.md).
         # Snakemake's scheduler sums the priorities of the jobs it starts together, so 10 beats
         # two classifiers (2 + 2)
         priority: 10

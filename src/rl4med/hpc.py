@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-# what brings the host to the container's versions (README, docs/cluster.md)
+# what brings the host to the container's versions (docs/cluster.md)
 SNAKEMAKE_FIX = (
     "pip install -c containers/constraints.txt snakemake snakemake-executor-plugin-slurm"
 )

@@ -42,7 +42,7 @@ def _cuda_problem() -> str:
     return (
         f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU: no GPU "
         "allocated to the job, `--nv` missing from apptainer-args, or an NVIDIA driver older "
-        "than this CUDA build needs (README, 'Running at paper scale')"
+        "than this CUDA build needs (docs/cluster.md, 'The NVIDIA driver first')"
     )
 
 
@@ -83,8 +83,9 @@ def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 in hardware, so that bf16 is faster, not emulated.
 
     CUDA GPUs from Ampere on; CPUs with AMX or AVX512-BF16, whose oneDNN kernels made the demo's
-    UNet sampling 1.7x and its classifier training 1.3-1.9x faster than float32 (README). Elsewhere
-    (older x86, most laptops) bf16 is converted in software and slower than float32.
+    UNet sampling 1.7x and its classifier training 1.3-1.9x faster than float32
+    (docs/performance.md). Elsewhere (older x86, most laptops) bf16 is converted in software and
+    slower than float32.
     """
     if device.type == "cuda":  # this device, not the current one (cuda:N on a mixed node)
         return torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8

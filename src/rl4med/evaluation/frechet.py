@@ -73,7 +73,7 @@ def inception_space(
     if not path.is_file():
         raise ValueError(
             f"evaluation.fid.inception_weights: {path} not found (use "
-            "`null` for FD on judge features, or fetch the weights: README)"
+            "`null` for FD on judge features, or fetch the weights: docs/cluster.md)"
         )
     # torch-fidelity reads the file with weights_only=False; read it safely first so a
     # pickle with code in it is refused before it gets there.
