@@ -1,6 +1,7 @@
 # The report's figures and summary page: sample grids per prompt (SD above SD+RL, same noise),
 # the SD+RL samples only the reward classifier accepts, DDPO reward curves with the stopping
-# iteration, Tables 1-4 beside the paper, the config.
+# iteration, the summary page (the headline, the chart of APR per prompt by the paper's judge,
+# Tables 1-4 beside the paper), the config.
 
 
 rule sample_grids:
@@ -96,12 +97,19 @@ rule summary:
         table4="results/evaluation/table4.tsv",
         apr_change="results/evaluation/apr_change.tsv",
         judge_panel="results/evaluation/judge_panel.tsv",
+        per_prompt="results/evaluation/apr_per_prompt.tsv",
     output:
+        chart=report(
+            "results/figures/apr_per_prompt.png",
+            caption="../report/apr_per_prompt_chart.rst",
+            category="Evaluation",
+            labels={"figure": "APR per prompt, SD and SD+RL"},
+        ),
         html=report(
             "results/report/summary.html",
             caption="../report/summary.rst",
             category="Summary",
-            labels={"page": "Tables 1-4 beside the paper"},
+            labels={"page": "headline, APR per prompt, Tables 1-4 beside the paper"},
         ),
         config=report(
             "results/report/config.tsv",

@@ -1,4 +1,5 @@
-"""Snakemake entry point: the configuration table and the one-page summary of Tables 1-4."""
+"""Snakemake entry point: the configuration table, the chart of APR per prompt (SD and SD+RL by
+the paper's judge) and the one-page summary that opens with them, then Tables 1-4."""
 
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 
 import pandas as pd
 
-from rl4med.evaluation.report import flatten_config, summary_html
+from rl4med.evaluation.report import apr_per_prompt_chart, flatten_config, summary_html
 from rl4med.io import run_step, write_table
 
 
@@ -20,7 +21,9 @@ def main() -> None:
         name: pd.read_csv(getattr(smk.input, name), sep="\t")
         for name in ("table1", "table2", "table3", "table4", "apr_change", "judge_panel")
     }
-    summary_html({**tables, "config": config}, smk.output.html)
+    per_prompt = pd.read_csv(smk.input.per_prompt, sep="\t")
+    apr_per_prompt_chart(per_prompt, smk.output.chart)
+    summary_html({**tables, "config": config}, smk.output.html, chart=smk.output.chart)
 
 
 run_step(main, smk.log[0], rule=smk.rule, end=True)

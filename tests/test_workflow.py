@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from test_report import check_summary_layout
 
 from rl4med.data.manifest import read_manifest
 
@@ -347,6 +348,7 @@ def check_evaluation(tmp_path, micro):
     assert (change["ci_low"] <= change["change"] + 1e-12).all()
     assert len(list((tmp_path / "results/figures/samples").glob("*.png"))) == 32
     assert (tmp_path / "results/figures/ddpo_reward.png").stat().st_size > 5000
+    assert (tmp_path / "results/figures/apr_per_prompt.png").stat().st_size > 5000
     assert "Table 4" in (tmp_path / "results/report/summary.html").read_text()
     sweep = pd.read_csv(tmp_path / "results/sweep/table.tsv", sep="\t")
     assert sweep["learning_rate"].tolist() == micro["sweep"]["grid"]["learning_rate"]
@@ -465,7 +467,8 @@ def chromium(*args, timeout=120):
 
 
 def check_in_chromium(tmp_path):
-    """The report and its summary page load in headless Chromium without script errors."""
+    """The report and its summary page load in headless Chromium without script errors; the
+    summary page opens with the headline and the chart and fits a 1280 px wide window."""
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     report = tmp_path / "results/report.html"
@@ -481,6 +484,8 @@ def check_in_chromium(tmp_path):
     assert proc.returncode == 0 and "Uncaught" not in proc.stderr
     for title in ("Table 1", "Table 2", "Table 3", "Table 4", "paper_APR"):
         assert title in proc.stdout, title
+    # it opens with the headline and the chart of APR per prompt; every table fits 1280 px
+    check_summary_layout(summary)
     shot = tmp_path / "report.png"
     chromium("--window-size=1280,2000", f"--screenshot={shot}", report.as_uri())
     assert shot.stat().st_size > 10_000

@@ -1,11 +1,13 @@
 """Figures and the one-page summary of the report: reward curves, reward-vs-judge APR, sample
 grids per prompt (SD above SD+RL, same noise), the samples only the reward classifier accepts,
-Tables 1-4 beside the paper's numbers."""
+Tables 1-4 beside the paper's numbers and the chart of APR per prompt that opens it."""
 
 from __future__ import annotations
 
+import base64
 import html
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import pandas as pd  # noqa: E402
 
 from rl4med.attributes import ARTIFACTS, ATTRIBUTES  # noqa: E402
 from rl4med.evaluation import MODELS, paper  # noqa: E402
+from rl4med.evaluation.judges import PRIMARY  # noqa: E402
 from rl4med.evaluation.panel import CHANGE_COLUMNS, JUDGE_COLUMNS, PANEL_MIN  # noqa: E402
 from rl4med.figures import save_grid  # noqa: E402
 from rl4med.io import atomic_dir, atomic_path  # noqa: E402
@@ -271,10 +274,74 @@ FID_NOTE = (
 )
 
 
-def _table(df: pd.DataFrame, title: str, note: str = "") -> str:
-    body = df.to_html(
-        index=False, float_format=lambda v: f"{v:.3f}", na_rep="-", border=0, classes="tbl"
+def apr_per_prompt_chart(
+    per_prompt: pd.DataFrame, path: str | os.PathLike[str], classifier: str = PRIMARY
+) -> pd.DataFrame:
+    """APR (%) per prompt by ``classifier`` (the paper's judge), SD and SD+RL on one line per
+    prompt, the prompts in their order in ``per_prompt`` (apr_per_prompt.tsv) from the top, each
+    model's mean over the prompts dashed. Returns the plotted APR (%): prompt, SD, SD+RL."""
+    sel = per_prompt[per_prompt["classifier"] == classifier]
+    if sel.empty:
+        raise ValueError(f"apr_per_prompt: no rows of classifier {classifier!r}")
+    order = list(dict.fromkeys(sel["prompt"]))
+    wide = 100 * sel.pivot(index="prompt", columns="model", values="APR").reindex(order)
+    wide = wide[list(MODELS)].rename(columns=MODELS)
+    y = np.arange(len(wide))[::-1]
+    fig, ax = plt.subplots(figsize=(6.5, 1.3 + 0.16 * len(wide)))
+    ax.hlines(y, wide.min(axis=1), wide.max(axis=1), color="0.7", lw=2, zorder=1)
+    means = wide.mean()
+    # SD an open ring over SD+RL's dot: a prompt whose APR did not change shows both
+    sd = ax.scatter(wide["SD"], y, s=60, marker="o", facecolors="none", zorder=3)
+    sd.set_edgecolor("tab:blue")
+    rl = ax.scatter(wide["SD+RL"], y, s=22, marker="D", color="tab:orange", zorder=2)
+    for label, color in (("SD", "tab:blue"), ("SD+RL", "tab:orange")):
+        ax.axvline(means[label], color=color, ls="--", lw=1)
+    ax.set_yticks(y, wide.index, fontsize=7)
+    ax.set_ylim(-0.7, len(wide) - 0.3)
+    ax.set_xlim(-3, 103)
+    ax.grid(axis="x", color="0.9")
+    ax.set_xlabel("APR (%): the 4 artifacts as prompted")
+    who = f"the paper's judge ({classifier})" if classifier == PRIMARY else classifier
+    each = f", {int(sel['n'].iloc[0])} paired samples each" if "n" in sel else ""
+    ax.set_title(f"APR per prompt by {who}{each}", fontsize=9, pad=22)
+    # above the axes, where it hides no prompt's dots
+    ax.legend(
+        [sd, rl],
+        [f"{m} (mean {means[m]:.1f}%)" for m in ("SD", "SD+RL")],
+        fontsize=8,
+        ncol=2,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        frameon=False,
     )
+    _save(fig, path)
+    return wide.reset_index()
+
+
+_HEADER = re.compile(r"(<th[^>]*>)(.*?)(</th>)", re.S)
+
+
+def _table(
+    df: pd.DataFrame, title: str, note: str = "", transpose: str = "", wrap_cells: bool = False
+) -> str:
+    """``df`` as an HTML table under its title and note. Headers may break after each "_", so a
+    table of many columns fits the page. ``transpose``: a column whose values become the
+    columns (Table 3: SD and SD+RL side by side, one row per measure, named as the column
+    was); ``wrap_cells``: cells may break anywhere (the configuration's long values)."""
+    if transpose:
+        cells = df.astype(object).where(df.notna(), None)
+        for col in df.columns[df.dtypes.map(pd.api.types.is_float_dtype)]:
+            cells[col] = [None if pd.isna(v) else f"{v:.3f}" for v in df[col]]
+        df = cells.set_index(transpose).T.rename_axis(index="measure", columns=None)
+        df = df.reset_index()
+    body = df.to_html(
+        index=False,
+        float_format=lambda v: f"{v:.3f}",
+        na_rep="-",
+        border=0,
+        classes="tbl wrap" if wrap_cells else "tbl",
+    )
+    body = _HEADER.sub(lambda m: m[1] + m[2].replace("_", "_<wbr>") + m[3], body)
     note_html = f"<p class='note'>{html.escape(note)}</p>" if note else ""
     return f"<h2>{html.escape(title)}</h2>{note_html}{body}"
 
@@ -292,36 +359,78 @@ def panel_headline(panel: pd.DataFrame, metric: str = "APR") -> str:
     )
 
 
-def _panel_parts(panel: pd.DataFrame | None) -> list[str]:
+def summary_headline(
+    change: pd.DataFrame, panel: pd.DataFrame | None = None, metric: str = "APR"
+) -> str:
+    """The summary page's opening: SD -> SD+RL, the panel's smallest gain of ``metric`` with its
+    interval (panel_headline) and beside it the paper's judge's paired gain with its interval
+    (``change``: apr_change.tsv). Without a panel, the paper's judge alone."""
+    row = change[(change["classifier"] == PRIMARY) & (change["metric"] == metric)]
+    if row.empty:
+        raise ValueError(f"apr_change: no {metric} change of the paper's judge {PRIMARY!r}")
+    j = row.iloc[0]
+    judge = (
+        f"{metric} {100 * j['SD']:.1f}% -> {100 * j['SD+RL']:.1f}%, "
+        f"{100 * j['change']:+.1f} points [{100 * j['ci_low']:+.1f}, {100 * j['ci_high']:+.1f}]"
+    )
+    opening = "SD -> SD+RL on the same noise, 95% paired-bootstrap intervals."
+    judge = f"the paper's judge ({PRIMARY}): {judge}."
     if panel is None:
-        return []
+        return f"{opening} For {judge}"
+    return f"{opening} {panel_headline(panel, metric)} Beside it, {judge}"
+
+
+def _panel_table(panel: pd.DataFrame) -> str:
     cols = [*JUDGE_COLUMNS, *CHANGE_COLUMNS, "test_exact_match", "min_of", "spread"]
-    return [
-        f"<p><b>Headline. {html.escape(panel_headline(panel))}</b></p>",
-        _table(
-            panel[[c for c in cols if c in panel.columns]],
-            "Judge panel: SD -> SD+RL by every judge",
-            "Each judge's paired change (fractions) with its 95% interval; reward_family: the "
-            "judge shares the reward classifier's architecture family; test_exact_match: all 6 "
-            "heads right on the real test split (of the images it trained on: train_on). "
-            "panel_min: the smallest change of any judge (min_of), the headline; "
-            "panel_min_real: of the judges trained on real images only.",
-        ),
-    ]
+    return _table(
+        panel[[c for c in cols if c in panel.columns]],
+        "Judge panel: SD -> SD+RL by every judge",
+        "Each judge's paired change (fractions) with its 95% interval; reward_family: the "
+        "judge shares the reward classifier's architecture family; test_exact_match: all 6 "
+        "heads right on the real test split (of the images it trained on: train_on). "
+        "panel_min: the smallest change of any judge (min_of), the headline; "
+        "panel_min_real: of the judges trained on real images only.",
+    )
 
 
-def summary_html(tables: Mapping[str, pd.DataFrame], path: str | os.PathLike[str]) -> None:
-    """Static HTML page with Tables 1-4 (ours beside the paper's) and the paired APR change."""
+CHART_CAPTION = (
+    "APR (%) of each of the 32 prompts by the paper's judge, SD (circle) and SD+RL (diamond) on "
+    "the same noise; dashed: each model's mean over the prompts (Table 3's APR_judge). Every "
+    "judge's numbers are in the judge panel's table below."
+)
+
+
+def summary_html(
+    tables: Mapping[str, pd.DataFrame],
+    path: str | os.PathLike[str],
+    chart: str | os.PathLike[str] | None = None,
+) -> None:
+    """Static HTML page: the headline (the panel's smallest APR gain and the paper's judge's,
+    with their intervals), the chart of APR per prompt (``chart``: a PNG, embedded so the page
+    stands alone and inside the Snakemake report), then the judge panel, Tables 1-4 (ours beside
+    the paper's), the paired change and the configuration, each as wide as the page."""
     paper_t1 = pd.DataFrame(
         [{"split": k, **dict(zip(ATTRIBUTES, v, strict=True))} for k, v in paper.TABLE1.items()]
     )
+    panel = tables.get("judge_panel")
+    headline = summary_headline(tables["apr_change"], panel)
     parts = [
         "<h1>RL4Med-DDPO: this run beside the paper</h1>",
+        f"<p class='headline'><b>Headline.</b> {html.escape(headline)}</p>",
+    ]
+    if chart is not None:
+        data = base64.b64encode(Path(chart).read_bytes()).decode("ascii")
+        parts.append(
+            "<figure class='chart'><img alt='APR per prompt, SD and SD+RL' "
+            f"src='data:image/png;base64,{data}'><figcaption>{html.escape(CHART_CAPTION)}"
+            "</figcaption></figure>"
+        )
+    parts += [
         "<p>Paper numbers: ISIC2019, Stable Diffusion v1.5, 1000 samples per prompt. Ours: the "
         "configuration at the end of this page. Metric labels say what was measured; an FD on "
         "judge features or an LPIPS with a random backbone is not comparable to a published "
         "number.</p>",
-        *_panel_parts(tables.get("judge_panel")),
+        *([_panel_table(panel)] if panel is not None else []),
         _table(tables["table1"], "Table 1 (ours): images per split"),
         _table(paper_t1, "Table 1 (paper)"),
         _table(
@@ -333,8 +442,9 @@ def summary_html(tables: Mapping[str, pd.DataFrame], path: str | os.PathLike[str
         _table(
             tables["table3"],
             "Table 3: mean over the 32 prompts",
-            f"{APR_NOTE} Both in % with 95% bootstrap intervals over samples. {FID_NOTE} "
-            "paper_*: published values.",
+            f"One row per measure, SD and SD+RL side by side. {APR_NOTE} Both in % with 95% "
+            f"bootstrap intervals over samples. {FID_NOTE} paper_*: published values.",
+            transpose="model",
         ),
         _table(
             tables["apr_change"],
@@ -348,12 +458,14 @@ def summary_html(tables: Mapping[str, pd.DataFrame], path: str | os.PathLike[str
             "Table 4: classifier trained on Real / Real+SD / Real+SD-RL",
             "F1 and accuracy (%) on the real test split, mean and std over seeds.",
         ),
-        _table(tables["config"], "Configuration of this run"),
+        _table(tables["config"], "Configuration of this run", wrap_cells=True),
     ]
     style = (
         "body{font-family:sans-serif;margin:2em}.tbl{border-collapse:collapse;"
         "font-size:12px}.tbl td,.tbl th{border:1px solid #ccc;padding:3px 6px}"
-        ".note{color:#555;font-size:12px}"
+        ".tbl th{vertical-align:bottom}.tbl.wrap td{overflow-wrap:anywhere}"
+        ".note,figcaption{color:#555;font-size:12px}.headline{font-size:16px}"
+        ".chart{margin:1em 0}.chart img{max-width:100%;height:auto}"
     )
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>RL4Med-DDPO summary"
