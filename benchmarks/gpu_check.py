@@ -53,6 +53,15 @@ The tree that travels may hold 64 MiB and the repository is ~20 MB, so leave pul
         PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out-dir $OUT
 
 and copy the returned gpu-check.md and gpu-check.tsv into docs/results/.
+
+--speed-options (issue 35, prepared on the CPU, not yet run on a GPU) runs instead only the
+speed switches of config sd.compile / sd.channels_last and evaluation.batch_size: auto on SD
+v1.5 in fp16, each against the bare eager loop and the bare loop with a compiled UNet in the
+same run, and writes gpu-check-speed.{md,tsv} beside the main report (never over it). On the
+GPU: the wheels' install above, then `python3 benchmarks/gpu_check.py --speed-options --out-dir
+$OUT` (its GPU time is not known: SD v1.5 compiles twice, each maybe minutes; --quick takes
+batches of 8). Rehearsed on the CPU (--skip-workflow --quick --speed-options): 400 s with a
+cold inductor cache on 2 cores, 120 s warm.
 """
 
 from __future__ import annotations
@@ -163,6 +172,7 @@ class Report:
     """Rows (section, item, value, unit, basis) and notes; written as Markdown and TSV."""
 
     header: list[str]
+    name: str = "gpu-check"  # the files' stem
     rows: list[tuple[str, str, Any, str, str]] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
@@ -200,9 +210,9 @@ class Report:
                 if row[0] == section
             ]
             lines += ["", *(f"- {cell(n)}" for n in self.notes.get(section, [])), ""]
-        with atomic_path(out_dir / "gpu-check.md") as tmp:
+        with atomic_path(out_dir / f"{self.name}.md") as tmp:
             tmp.write_text("\n".join(lines).rstrip() + "\n")
-        with atomic_path(out_dir / "gpu-check.tsv") as tmp:
+        with atomic_path(out_dir / f"{self.name}.tsv") as tmp:
             body = ["section\titem\tvalue\tunit\tbasis"]
             body += ["\t".join(" ".join(str(x).split()) for x in row) for row in self.rows]
             tmp.write_text("\n".join(body) + "\n")
@@ -367,6 +377,63 @@ def generation_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
         met = "met" if best >= GOAL_IMAGES_PER_S else "NOT met"
         report.note(section, f"goal >= {GOAL_IMAGES_PER_S} images/s on one H100: {met}")
     return rate
+
+
+def speed_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
+    """Issue 35's switches in fp16 against the eager and the compiled bare loop of the same run;
+    returns the best images/s of the project's path. Leaves ``sd`` compiled: run it last."""
+    import dataclasses
+
+    import torch
+
+    from rl4med.prompts import all_prompts
+    from rl4med.sampling import sample_images
+    from rl4med.speed import SamplingSpeed, prepare_sampling, sampling_batch_size, sampling_bytes
+
+    section = f"Speed options (fp16, {plan.size} px, {plan.steps} DDIM steps, guidance 5, eta 1)"
+    sd.to(plan.device, torch.float16)
+    prompts = [all_prompts()[i % 32] for i in range(plan.images)]
+    texts, seeds = sd.prompt_texts(prompts), list(range(plan.images))
+
+    def rate(name: str, run: Callable[[int], Any]) -> float:
+        """images/s of ``run(steps)``; its first call (2 steps: kernels, compile) timed apart."""
+        first, _ = timed(lambda: run(2))
+        seconds, _ = timed(lambda: run(plan.steps))
+        report.add(section, f"{name}: first call (2 steps; compiles)", first, "s", "measured")
+        report.add(section, name, plan.images / seconds, "images/s", "measured")
+        return plan.images / seconds
+
+    bare = rate("bare loop, eager", lambda n: bare_loop(sd, texts, n, 5.0, 1.0))
+    compiled_sd = dataclasses.replace(sd, unet=torch.compile(sd.unet))
+    bare_c = rate("bare loop, UNet compiled", lambda n: bare_loop(compiled_sd, texts, n, 5.0, 1.0))
+    report.add(section, "bare compiled / bare eager", bare_c / bare, "", "measured")
+    args = {"guidance_scale": 5.0, "eta": 1.0, "batch_size": plan.images}
+
+    def project(n: int) -> Any:
+        return sample_images(sd, prompts, seeds, num_steps=n, **args)
+
+    best = rate("project path, eager", project)
+    # evaluation.batch_size: auto (before compiling: a new batch size would compile once more):
+    # the batch it chooses here and the memory per image that batch takes
+    weights = torch.cuda.memory_allocated() if plan.cuda else 0
+    n = sampling_batch_size("auto", "evaluation.batch_size", sd)
+    estimate = sampling_bytes(sd) / 2**30
+    report.add(section, "auto batch size", n, "images", f"estimate {estimate:.3f} GiB/image")
+    reset_peak()
+    auto = [all_prompts()[i % 32] for i in range(n)]
+    timed(lambda: sample_images(sd, auto, list(range(n)), 2, 5.0, 1.0, n))
+    peak(report, section, plan)
+    if plan.cuda:
+        used = (torch.cuda.max_memory_allocated() - weights) / n / 2**30
+        report.add(section, "GPU memory per image at the auto batch", used, "GiB", "measured")
+    for speed in (SamplingSpeed(channels_last=True), SamplingSpeed(True, True)):
+        prepare_sampling(sd, speed)  # adds to what the previous one set
+        ours = rate(f"project path, {speed}", project)
+        report.add(section, f"project path, {speed} / bare eager", ours / bare, "", "goal >= 1.3")
+        report.add(section, f"project path, {speed} / bare compiled", ours / bare_c, "", "measured")
+        best = max(best, ours)
+    report.note(section, "compile and channels-last as config sd.compile / sd.channels_last")
+    return best
 
 
 def ddpo_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
@@ -604,8 +671,11 @@ def gpu_hours(plan: Plan, report: Report, measured: dict[str, float]) -> None:
         )
 
 
-def sd15_part(plan: Plan, report: Report, work: Path, out_dir: Path) -> None:
-    """Build the model, then each measurement; one failing part does not stop the others."""
+def sd15_part(
+    plan: Plan, report: Report, work: Path, out_dir: Path, speed_only: bool = False
+) -> None:
+    """Build the model, then each measurement; one failing part does not stop the others.
+    ``speed_only``: the speed options alone (``speed_part``)."""
 
     from rl4med.models.sd import set_image_size
     from rl4med.models.sd15 import build_sd15
@@ -620,6 +690,8 @@ def sd15_part(plan: Plan, report: Report, work: Path, out_dir: Path) -> None:
     measured: dict[str, float] = {}
     samples = work / "samples"
     parts = (("generate", generation_part), ("ddpo", ddpo_part), ("stage_i", stage_i_part))
+    if speed_only:
+        parts = (("speed", speed_part),)
     for name, run in parts:
         say(f"{name} ...")
         try:
@@ -630,6 +702,8 @@ def sd15_part(plan: Plan, report: Report, work: Path, out_dir: Path) -> None:
         report.write(out_dir)
     del sd
     reset_peak()
+    if speed_only:
+        return
     if samples.is_dir():
         try:
             measured.update(network_rates(plan, report, samples))
@@ -772,6 +846,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "gets what the SD v1.5 part leaves",
     )
     parser.add_argument(
+        "--speed-options",
+        action="store_true",
+        help="only issue 35's speed options (gpu-check-speed.md; no workflow)",
+    )
+    parser.add_argument(
         "--print-wheels",
         action="store_true",
         help="print the wheels the lent GPU machine needs, one per line",
@@ -820,18 +899,19 @@ def main(argv: list[str] | None = None) -> int:
             f"width x{plan.width}, {plan.size} px; the workflow {workflow}); no GPU numbers."
         )
     say(f"device {device} ({name}); report -> {out_dir}")
-    report = Report(header)
+    report = Report(header, "gpu-check-speed" if args.speed_options else "gpu-check")
     work = scratch_dir()
     try:
-        sd15_part(plan, report, work, out_dir)
+        sd15_part(plan, report, work, out_dir, args.speed_options)
         report.write(out_dir)
-        if not args.skip_workflow:
+        if not args.skip_workflow and not args.speed_options:
             left = max(60.0, START + args.deadline - time.perf_counter()) if cuda else 1800.0
             workflow_part(plan, report, work / "workflow", left)
     finally:
         report.write(out_dir)
         shutil.rmtree(work, ignore_errors=True)
-    say(f"done: {'FAILED' if report.failures else 'all checks passed'}; {out_dir / 'gpu-check.md'}")
+    status = "FAILED" if report.failures else "all checks passed"
+    say(f"done: {status}; {out_dir / f'{report.name}.md'}")
     return 1 if report.failures else 0
 
 

@@ -154,6 +154,11 @@ SAMPLE_FORMAT_KEY = {
 REAL_IMAGE_KEYS = {
     k: config["evaluation"][k] for k in ("sample_format", "crop") if k in config["evaluation"]
 }
+# sd.compile and sd.channels_last (issue 35): how fast the sampling rules and DDPO's sampling
+# run. No schema default: only the switched-on options enter a rule's params (as `speed`), so a
+# config that leaves them out or off keeps its params and reruns nothing.
+SPEED = {k: True for k in ("compile", "channels_last") if config["sd"].get(k)}
+SPEED_PARAMS = {"speed": SPEED} if SPEED else {}
 MODEL_DIRS = {"sd": "results/models/sd", "sd_rl": "results/models/sd_rl"}
 EVAL_MODELS = list(MODEL_DIRS)
 SD_IMAGE_SIZE = (

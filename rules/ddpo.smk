@@ -26,6 +26,7 @@ if RUN_DDPO:
             tracking=tracking("ddpo"),
             # kept outside the outputs so a preempted job resumes from them
             checkpoints="results/checkpoints/ddpo",
+            **SPEED_PARAMS,
         priority: 10
         threads: resource("ddpo", "cpus")
         resources:

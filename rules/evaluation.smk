@@ -23,6 +23,7 @@ rule generate:
         cfg={**{k: config["evaluation"][k] for k in GENERATE_KEYS}, **SAMPLE_FORMAT_KEY},
         device=config["sd"]["device"],
         dtype=config["sd"]["dtype"],
+        **SPEED_PARAMS,
     # SD+RL's samples before SD's: they end the critical path
     priority: lambda wc: 1 if wc.model == "sd_rl" else 0
     threads: resource("generate", "cpus")
@@ -52,6 +53,7 @@ rule sampler_view:
         sampler={k: config["evaluation"][k] for k in GENERATE_KEYS},
         device=config["sd"]["device"],
         dtype=config["sd"]["dtype"],
+        **SPEED_PARAMS,
     threads: resource("sampler_view", "cpus")
     resources:
         mem_mb=resource("sampler_view", "mem_mb"),

@@ -217,6 +217,7 @@ rule stage_i_check:
         cfg=config["stage_i_check"],
         device=config["sd"]["device"],
         dtype=config["sd"]["dtype"],
+        **SPEED_PARAMS,
     threads: resource("stage_i_check", "cpus")
     resources:
         mem_mb=resource("stage_i_check", "mem_mb"),

@@ -19,6 +19,7 @@ if SWEEP:
             processes=processes("ddpo"),
             tracking=lambda wc: tracking(f"sweep/{wc.setting}"),
             checkpoints=lambda wc: f"results/checkpoints/sweep/{wc.setting}",
+            **SPEED_PARAMS,
         wildcard_constraints:
             setting="|".join(re.escape(s) for s in SWEEP_SETTINGS),
         threads: resource("ddpo", "cpus")

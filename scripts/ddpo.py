@@ -28,6 +28,8 @@ def main() -> None:
         "rule": smk.rule,
         "threads": int(smk.threads),
         "tracking": dict(smk.params.tracking),
+        # sd.compile and sd.channels_last: in the params only when switched on
+        "speed": dict(smk.params.get("speed", {})),
     }
     run("ddpo", args, int(smk.params.processes))
 

@@ -14,6 +14,7 @@ from rl4med.evaluation.samples import iter_samples, prompt_labels
 from rl4med.io import run_step, write_table
 from rl4med.models.classifier import load_classifier
 from rl4med.runtime import configure_torch, select_device
+from rl4med.speed import batch_size
 
 
 def main() -> None:
@@ -28,7 +29,8 @@ def main() -> None:
         smk.params.get("sample_format", "png"),
         smk.params.get("crop", "none"),
     )
-    batches = iter_samples(list(smk.input.samples), int(smk.params.batch_size), smk.threads)
+    size = batch_size(smk.params.batch_size, "evaluation.batch_size")  # auto: 64
+    batches = iter_samples(list(smk.input.samples), size, smk.threads)
     table = model_fd(smk.input.real, space, ((x, prompt_labels(i)) for x, i in batches))
     table.insert(0, "model", smk.wildcards.model)
     write_table(table, smk.output.table)

@@ -12,6 +12,7 @@ from rl4med.io import run_step
 from rl4med.models.sd import inference_dtype, load_sd
 from rl4med.prompts import prompt_from_slug
 from rl4med.runtime import configure_torch, select_device
+from rl4med.speed import SamplingSpeed, prepare_sampling, sampling_batch_size
 
 
 def main() -> None:
@@ -19,6 +20,8 @@ def main() -> None:
     configure_torch(smk.threads)
     device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
     sd = load_sd(smk.input.model, device, inference_dtype(smk.params.dtype, device))
+    # sd.compile and sd.channels_last: in the params only when switched on
+    prepare_sampling(sd, SamplingSpeed.from_config(smk.params.get("speed")))
     generate_samples(
         sd,
         prompt_from_slug(smk.wildcards.prompt),
@@ -27,7 +30,7 @@ def main() -> None:
         int(cfg["num_steps"]),
         float(cfg["guidance_scale"]),
         float(cfg["eta"]),
-        int(cfg["batch_size"]),
+        sampling_batch_size(cfg["batch_size"], "evaluation.batch_size", sd),
         smk.output.samples,
         # evaluation.sample_format: png when the config names none
         cfg.get("sample_format", "png"),

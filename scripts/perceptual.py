@@ -16,6 +16,7 @@ from rl4med.evaluation.perceptual import load_lpips, lpips_table
 from rl4med.evaluation.samples import sample_index
 from rl4med.io import run_step, write_table
 from rl4med.runtime import configure_torch, select_device
+from rl4med.speed import batch_size
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
         read_manifest(smk.input.manifest, REAL_SPLIT),  # the real test images, as the authors
         cfg.get("pairs_per_prompt"),  # null: as many pairs as the smaller side has
         int(smk.params.seed),
-        int(smk.params.batch_size),
+        batch_size(smk.params.batch_size, "evaluation.batch_size"),  # auto: 64
         smk.threads,
         # evaluation.crop and evaluation.sample_format, in the params only when set
         crop=smk.params.get("crop", "none"),

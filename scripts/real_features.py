@@ -17,6 +17,7 @@ from rl4med.evaluation.frechet import load_space, real_statistics
 from rl4med.io import run_step
 from rl4med.models.classifier import load_classifier
 from rl4med.runtime import configure_torch, select_device
+from rl4med.speed import batch_size
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
         space,
         int(smk.params.image_size),
         smk.output.stats,
-        int(smk.params.batch_size),
+        batch_size(smk.params.batch_size, "evaluation.batch_size"),  # auto: 64
         smk.threads,
         crop=smk.params.get("crop", "none"),
         sample_format=smk.params.get("sample_format", "png"),

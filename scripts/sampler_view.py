@@ -12,13 +12,18 @@ from rl4med.evaluation.sampler_view import SamplerViewSettings, write_sampler_vi
 from rl4med.io import run_step
 from rl4med.models.sd import inference_dtype, load_sd
 from rl4med.runtime import configure_torch, select_device
+from rl4med.speed import SamplingSpeed, prepare_sampling, sampling_batch_size
 
 
 def main() -> None:
     configure_torch(smk.threads)
     device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
     sd = load_sd(smk.input.sd, device, inference_dtype(smk.params.dtype, device))
-    settings = SamplerViewSettings.from_config(dict(smk.params.view), dict(smk.params.sampler))
+    # sd.compile and sd.channels_last: in the params only when switched on
+    prepare_sampling(sd, SamplingSpeed.from_config(smk.params.get("speed")))
+    sampler = dict(smk.params.sampler)
+    sampler["batch_size"] = sampling_batch_size(sampler["batch_size"], "evaluation.batch_size", sd)
+    settings = SamplerViewSettings.from_config(dict(smk.params.view), sampler)
     write_sampler_view(sd, smk.input.manifest, smk.output.manifest, settings)
 
 

@@ -15,6 +15,7 @@ from rl4med.evaluation.samples import iter_samples
 from rl4med.io import run_step, write_table
 from rl4med.models.classifier import load_classifier
 from rl4med.runtime import configure_torch, select_device
+from rl4med.speed import batch_size
 
 
 def main() -> None:
@@ -24,7 +25,8 @@ def main() -> None:
         name: load_classifier(path, device)
         for name, path in zip(smk.params.names, smk.input.classifiers, strict=True)
     }
-    batches = iter_samples(list(smk.input.samples), int(smk.params.batch_size), smk.threads)
+    size = batch_size(smk.params.batch_size, "evaluation.batch_size")  # auto: 64
+    batches = iter_samples(list(smk.input.samples), size, smk.threads)
     scores = score_samples(classifiers, batches)
     write_table(scores, smk.output.scores)
     for role, part in scores.groupby("classifier"):

@@ -13,6 +13,7 @@ from rl4med.models.checks import prompt_adherence, single_artifact_prompts
 from rl4med.models.classifier import load_classifier
 from rl4med.models.sd import inference_dtype, load_sd
 from rl4med.runtime import configure_torch, select_device
+from rl4med.speed import SamplingSpeed, prepare_sampling
 
 
 def main() -> None:
@@ -20,6 +21,8 @@ def main() -> None:
     configure_torch(smk.threads)
     device = select_device(smk.params.device, smk.resources.gpu, smk.rule)
     sd = load_sd(smk.input.sd, device, inference_dtype(smk.params.dtype, device))
+    # sd.compile and sd.channels_last: in the params only when switched on
+    prepare_sampling(sd, SamplingSpeed.from_config(smk.params.get("speed")))
     classifiers = {
         role: load_classifier(getattr(smk.input, role), device) for role in ("reward", "judge")
     }

@@ -103,9 +103,10 @@ def end_process() -> NoReturn:
     close, any writer registered with ``atexit``), the streams are flushed. Outputs were already
     renamed into place (``atomic_path``/``atomic_dir``), so nothing is left half-written.
     """
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # CPython's own call at exit: threading's exit hooks first, which stop idle executor workers
+    # (torch.compile's compile pool: joined without them, a generate job with sd.compile waited
+    # for ever), then every non-daemon thread joined
+    threading._shutdown()
     atexit._run_exitfuncs()  # CPython's own call at exit (logging.shutdown among them)
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         with contextlib.suppress(Exception):  # a closed or absent stream has nothing to flush

@@ -97,13 +97,16 @@ def run_ddpo(
     rule: str,
     threads: int,
     tracking: Mapping[str, Any] | None,
+    speed: Mapping[str, Any] | None = None,
 ) -> None:
-    """Stage ii: DDPO of the stage-i model ``sd`` with the reward classifier's r_A."""
+    """Stage ii: DDPO of the stage-i model ``sd`` with the reward classifier's r_A.
+    ``speed``: config ``sd.compile`` / ``sd.channels_last`` where set."""
     from rl4med.ddpo import AttributeReward
     from rl4med.ddpo.train import ddpo_train
     from rl4med.models.classifier import load_classifier
     from rl4med.models.sd import load_sd
     from rl4med.prompts import all_prompts
+    from rl4med.speed import SamplingSpeed
 
     dev = _prepare(device, gpus, rule, threads, int(cfg["seed"]))
     model_sd = load_sd(sd, dev)  # float32 weights: the policy is trained
@@ -118,6 +121,7 @@ def run_ddpo(
         checkpoints,
         device=dev,
         tracking=tracking,
+        speed=SamplingSpeed.from_config(speed),
     )
     _log_weights(model_sd.unet)
 
