@@ -433,12 +433,16 @@ def classifier_crop(cfg: Mapping[str, Any]) -> str:
     return check_crop(str(cfg.get("crop", "center")), "classifier crop")
 
 
-def classifier_augment(cfg: Mapping[str, Any]) -> str:
-    """The ``augment`` recipe: ours when the key is absent (before it)."""
-    mode = str(cfg.get("augment", "ours"))
+def check_augment(mode: str) -> str:
+    """``mode`` if it is one of ``AUGMENTS``, else a ValueError naming the choices."""
     if mode not in AUGMENTS:
         raise ValueError(f"classifier augment {mode!r}: use one of {', '.join(AUGMENTS)}")
     return mode
+
+
+def classifier_augment(cfg: Mapping[str, Any]) -> str:
+    """The ``augment`` recipe: ours when the key is absent (before it)."""
+    return check_augment(str(cfg.get("augment", "ours")))
 
 
 def augment(
@@ -457,8 +461,7 @@ def augment(
     each flip and the turn once per batch, the jitter per image; flips draws each flip per
     image, as the authors' torchvision transforms.
     """
-    if mode not in AUGMENTS:
-        raise ValueError(f"augment {mode!r}: use one of {', '.join(AUGMENTS)}")
+    check_augment(mode)
     b, dev = x.shape[0], x.device
 
     def rand(*shape: int) -> torch.Tensor:
