@@ -98,7 +98,8 @@ showcase: setup
 # so a killed run continues. On a GPU when one is present; on 2 idle CPU cores about 35 min: run it
 # in the background, e.g. `nohup nice -n 19 make pretrain-tiny > pretrain-tiny.log 2>&1 &`
 pretrain-tiny: setup
-	$(BIN)/python -m rl4med.models.pretrain --config config/pretrain-tiny.yaml
+	$(BIN)/python -m rl4med.tiny_sd.pretrain --config config/pretrain-tiny.yaml \
+		--schema schemas/pretrain-tiny.schema.yaml
 
 # pytest's exit code 5 (no tests collected) fails the target like any other failure
 test: setup

@@ -333,7 +333,7 @@ def generation_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
     fp16 images/s (PNG writing included), the rate of the generate rule."""
     import torch
 
-    from rl4med.evaluation.samples import generate_samples
+    from rl4med.evaluation.samples import SamplingSettings, generate_samples
     from rl4med.prompts import all_prompts
     from rl4med.sampling import sample_images
 
@@ -368,8 +368,8 @@ def generation_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
             f"goal >= {GOAL_RATIO}",
         )
     # the generate rule's own function (the model is in fp16 now, as the paper config loads it)
-    job = (prompts[0], plan.images, 0, plan.steps, 5.0, 1.0, plan.images, work / "samples")
-    seconds, _ = timed(lambda: generate_samples(sd, *job))
+    job = SamplingSettings(plan.images, plan.steps, 5.0, seed=0, eta=1.0, batch_size=plan.images)
+    seconds, _ = timed(lambda: generate_samples(sd, prompts[0], job, work / "samples"))
     rate = plan.images / seconds
     report.add(section, "fp16: generate_samples (PNGs written)", rate, "images/s", "measured")
     if plan.cuda:
@@ -511,7 +511,7 @@ def ddpo_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
 def stage_i_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
     """A few stage-i steps with the paper's finetune_sd settings; returns seconds per step."""
     from rl4med.data.synthetic import generate_dataset
-    from rl4med.models.finetune import finetune
+    from rl4med.stage_i.finetune import finetune
 
     manifest = work / "data" / "manifest.csv"
     n_images = max(16, 3 * plan.stage_i_batch)  # ~72 % of them form the training split

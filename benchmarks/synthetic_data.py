@@ -15,7 +15,8 @@ import time
 import numpy as np
 
 from rl4med.attributes import ARTIFACTS, ATTRIBUTES
-from rl4med.data.synthetic import LabelModel, render, sample_scene
+from rl4med.data.render import render, sample_scene
+from rl4med.data.synthetic import LabelModel
 
 
 def _pool2(x: np.ndarray) -> np.ndarray:

@@ -131,15 +131,14 @@ PUBLISHED_LORA_ITERATIONS = int(PUBLISHED.get("lora_iterations", 51)) if PUBLISH
 RUN_DDPO = not PUBLISHED or config["ddpo"]["max_iterations"] > PUBLISHED_LORA_ITERATIONS
 
 
-def ddpo_settings():
-    """config["ddpo"], plus the LoRA to start from when DDPO continues the published run."""
-    if not PUBLISHED:
-        return config["ddpo"]
-    return {
-        **config["ddpo"],
-        "init_lora": PUBLISHED["lora"],
-        "start_iteration": PUBLISHED_LORA_ITERATIONS,
-    }
+# With published weights, DDPO continues their LoRA (a run input, not a ddpo setting): the
+# LoRA to start from and the iterations it was trained for. Absent otherwise, so a run without
+# published weights keeps its params.
+DDPO_CONTINUATION = (
+    {"continuation": {"init_lora": PUBLISHED["lora"], "start_iteration": PUBLISHED_LORA_ITERATIONS}}
+    if PUBLISHED
+    else {}
+)
 
 
 # evaluation: SD (stage i) and SD+RL (stage ii) sampled from the same noise, by these keys

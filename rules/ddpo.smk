@@ -19,14 +19,15 @@ if RUN_DDPO:
         log:
             "logs/ddpo/ddpo.log",
         params:
-            # with published weights: their LoRA as the start, iterations counted on from it
-            cfg=ddpo_settings(),
+            cfg=config["ddpo"],
             device=config["sd"]["device"],
             processes=processes("ddpo"),
             tracking=tracking("ddpo"),
             # kept outside the outputs so a preempted job resumes from them
             checkpoints="results/checkpoints/ddpo",
             **SPEED_PARAMS,
+            # with published weights: their LoRA as the start, iterations counted on from it
+            **DDPO_CONTINUATION,
         priority: 10
         threads: resource("ddpo", "cpus")
         resources:

@@ -30,6 +30,8 @@ def main() -> None:
         "tracking": dict(smk.params.tracking),
         # sd.compile and sd.channels_last: in the params only when switched on
         "speed": dict(smk.params.get("speed", {})),
+        # with published weights: the LoRA to continue and its iterations
+        **dict(smk.params.get("continuation", {})),
     }
     run("ddpo", args, int(smk.params.processes))
 

@@ -11,6 +11,7 @@ import logging
 
 from rl4med.evaluation.frechet import load_space, model_fd
 from rl4med.evaluation.samples import iter_samples, prompt_labels
+from rl4med.evaluation.storage import DEFAULT_METRIC_CROP, DEFAULT_SAMPLE_FORMAT
 from rl4med.io import run_step, write_table
 from rl4med.models.classifier import load_classifier
 from rl4med.runtime import configure_torch, select_device
@@ -26,8 +27,8 @@ def main() -> None:
         device,
         bool(smk.params.uint8_wrap),
         # named in the label, which must equal the cached real statistics' (real_features)
-        smk.params.get("sample_format", "png"),
-        smk.params.get("crop", "none"),
+        smk.params.get("sample_format", DEFAULT_SAMPLE_FORMAT),
+        smk.params.get("crop", DEFAULT_METRIC_CROP),
     )
     size = batch_size(smk.params.batch_size, "evaluation.batch_size")  # auto: 64
     batches = iter_samples(list(smk.input.samples), size, smk.threads)

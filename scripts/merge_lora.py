@@ -8,7 +8,7 @@ smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 
 from rl4med.io import run_step
-from rl4med.models.published import merge_published_lora
+from rl4med.published import merge_published_lora
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from rl4med.data.manifest import read_manifest
 from rl4med.evaluation import REAL_SPLIT
 from rl4med.evaluation.perceptual import load_lpips, lpips_table
 from rl4med.evaluation.samples import sample_index
+from rl4med.evaluation.storage import DEFAULT_METRIC_CROP, DEFAULT_SAMPLE_FORMAT
 from rl4med.io import run_step, write_table
 from rl4med.runtime import configure_torch, select_device
 from rl4med.speed import batch_size
@@ -34,8 +35,8 @@ def main() -> None:
         batch_size(smk.params.batch_size, "evaluation.batch_size"),  # auto: 64
         smk.threads,
         # evaluation.crop and evaluation.sample_format, in the params only when set
-        crop=smk.params.get("crop", "none"),
-        sample_format=smk.params.get("sample_format", "png"),
+        crop=smk.params.get("crop", DEFAULT_METRIC_CROP),
+        sample_format=smk.params.get("sample_format", DEFAULT_SAMPLE_FORMAT),
     )
     table.insert(0, "model", smk.wildcards.model)
     write_table(table, smk.output.table)

@@ -14,6 +14,7 @@ import logging
 from rl4med.data.manifest import read_manifest
 from rl4med.evaluation import REAL_SPLIT
 from rl4med.evaluation.frechet import load_space, real_statistics
+from rl4med.evaluation.storage import DEFAULT_METRIC_CROP, DEFAULT_SAMPLE_FORMAT
 from rl4med.io import run_step
 from rl4med.models.classifier import load_classifier
 from rl4med.runtime import configure_torch, select_device
@@ -29,8 +30,8 @@ def main() -> None:
         device,
         bool(smk.params.uint8_wrap),
         # evaluation.sample_format and evaluation.crop, in the params only when set
-        smk.params.get("sample_format", "png"),
-        smk.params.get("crop", "none"),
+        smk.params.get("sample_format", DEFAULT_SAMPLE_FORMAT),
+        smk.params.get("crop", DEFAULT_METRIC_CROP),
     )
     real = read_manifest(smk.input.manifest, REAL_SPLIT)
     counts = real_statistics(
@@ -40,8 +41,8 @@ def main() -> None:
         smk.output.stats,
         batch_size(smk.params.batch_size, "evaluation.batch_size"),  # auto: 64
         smk.threads,
-        crop=smk.params.get("crop", "none"),
-        sample_format=smk.params.get("sample_format", "png"),
+        crop=smk.params.get("crop", DEFAULT_METRIC_CROP),
+        sample_format=smk.params.get("sample_format", DEFAULT_SAMPLE_FORMAT),
     )
     logging.getLogger("rl4med").info(
         "%s statistics of the real %s images: %s", space.label, REAL_SPLIT, counts

@@ -7,9 +7,9 @@ smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 # the package from this workflow's own src/, also inside conda envs that hold only its deps
 sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 
+from rl4med.evaluation.checks import prompt_adherence, single_artifact_prompts
 from rl4med.figures import save_grid
 from rl4med.io import run_step, write_table
-from rl4med.models.checks import prompt_adherence, single_artifact_prompts
 from rl4med.models.classifier import load_classifier
 from rl4med.models.sd import inference_dtype, load_sd
 from rl4med.runtime import configure_torch, select_device

@@ -8,8 +8,8 @@ smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 # the package from this workflow's own src/, also inside conda envs that hold only its deps
 sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 
+from rl4med.classifiers.train import train_classifier
 from rl4med.io import run_step
-from rl4med.models.classifier import train_classifier
 from rl4med.runtime import configure_torch, select_device
 
 

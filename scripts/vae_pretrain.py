@@ -8,8 +8,8 @@ smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 sys.path.insert(0, str(Path(smk.scriptdir).parent / "src"))
 
 from rl4med.io import run_step
-from rl4med.models.vae import pretrain_vae
 from rl4med.runtime import configure_torch, select_device
+from rl4med.tiny_sd.vae import pretrain_vae
 
 
 def main() -> None:

@@ -13,17 +13,13 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from tiny_models import TokenizerSpy, tiny_sd_config
 
-import rl4med.ddpo.train as ddpo_module
+import rl4med.ddpo.rollout as rollout_module
+import rl4med.ddpo.settings as settings_module
 from rl4med.ddpo import RewardOutput
-from rl4med.ddpo.train import (
-    RATIO_TOLERANCE,
-    CheckpointMismatchError,
-    Settings,
-    accumulation_steps,
-    ddpo_train,
-    ppo_loss,
-)
+from rl4med.ddpo.settings import Settings, accumulation_steps
+from rl4med.ddpo.train import CheckpointMismatchError, ddpo_train
 from rl4med.ddpo.trajectories import final_images, sample_trajectories, step_log_probs
+from rl4med.ddpo.update import RATIO_TOLERANCE, ppo_loss
 from rl4med.models.sd import build_tiny_sd
 from rl4med.prompts import to_prompt
 
@@ -295,7 +291,7 @@ MISMATCHES = [_sample_with_guidance_off_by_half, _sample_under_bf16_autocast]
 
 @pytest.mark.parametrize("mismatch", MISMATCHES)
 def test_ratio_deviation_catches_sampling_another_policy(tmp_path, monkeypatch, caplog, mismatch):
-    monkeypatch.setattr(ddpo_module, "sample_trajectories", mismatch(sample_trajectories))
+    monkeypatch.setattr(rollout_module, "sample_trajectories", mismatch(sample_trajectories))
     with caplog.at_level(logging.WARNING, logger="rl4med.ddpo.train"):
         curve = _run(build_tiny_sd(TINY, 32), {**LORA, "max_iterations": 1}, tmp_path)
     assert curve["ratio_deviation"].iloc[0] > RATIO_TOLERANCE["no"]
@@ -381,14 +377,14 @@ def test_auto_precision_follows_the_hardware(monkeypatch, caplog):
     settings are left alone."""
     auto = Settings.from_config({**DDPO, "mixed_precision": "auto"})
     cpu = torch.device("cpu")
-    monkeypatch.setattr(ddpo_module, "native_bf16", lambda device: True)
-    with caplog.at_level(logging.INFO, logger="rl4med.ddpo.train"):
-        assert ddpo_module.resolve_precision(auto, cpu).mixed_precision == "bf16"
+    monkeypatch.setattr(settings_module, "native_bf16", lambda device: True)
+    with caplog.at_level(logging.INFO, logger="rl4med.ddpo.settings"):
+        assert settings_module.resolve_precision(auto, cpu).mixed_precision == "bf16"
     assert "ddpo.mixed_precision auto: bf16 on cpu" in caplog.text
-    monkeypatch.setattr(ddpo_module, "native_bf16", lambda device: False)
-    assert ddpo_module.resolve_precision(auto, cpu).mixed_precision == "no"
+    monkeypatch.setattr(settings_module, "native_bf16", lambda device: False)
+    assert settings_module.resolve_precision(auto, cpu).mixed_precision == "no"
     explicit = Settings.from_config({**DDPO, "mixed_precision": "bf16"})
-    assert ddpo_module.resolve_precision(explicit, cpu).mixed_precision == "bf16"
+    assert settings_module.resolve_precision(explicit, cpu).mixed_precision == "bf16"
     with pytest.raises(ValueError, match="use no, fp16, bf16 or auto"):
         Settings.from_config({**DDPO, "mixed_precision": "fp8"})
 
@@ -423,11 +419,9 @@ def test_settings_name_the_bad_key():
 
     schema = yaml.safe_load((Path(__file__).parents[1] / "schemas/config.schema.yaml").read_text())
     keys = schema["properties"]["ddpo"]["properties"]
-    from rl4med.ddpo.train import FROM_WORKFLOW, OPTIONAL
+    from rl4med.ddpo.settings import OPTIONAL
 
     defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
-    assert set(FROM_WORKFLOW) <= set(defaults)
-    defaults = {k: v for k, v in defaults.items() if k not in FROM_WORKFLOW}
     assert set(keys) == set(defaults)
     assert {k: v["default"] for k, v in keys.items() if "default" in v} == {
         k: v for k, v in defaults.items() if v is not dataclasses.MISSING and k not in OPTIONAL

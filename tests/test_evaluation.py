@@ -56,6 +56,7 @@ from rl4med.evaluation.perceptual import (
 )
 from rl4med.evaluation.report import prompt_grids, reward_only_grid
 from rl4med.evaluation.samples import (
+    SamplingSettings,
     generate_samples,
     iter_samples,
     prompt_labels,
@@ -233,10 +234,11 @@ def test_generated_samples_are_paired_by_prompt_and_index(tmp_path):
     sd = build_tiny_sd(tiny_sd_config(), 32)
     other = build_tiny_sd(tiny_sd_config(seed=5), 32)
     prompt = prompt_from_slug("mel__gel-ruler")
-    args = dict(n=3, seed=1, num_steps=2, guidance_scale=2.0, eta=1.0, batch_size=2)
-    a = generate_samples(sd, prompt, out_dir=tmp_path / "a", **args)
-    b = generate_samples(other, prompt, out_dir=tmp_path / "b", **args)
-    generate_samples(sd, prompt, out_dir=tmp_path / "c", **args)
+    args = dict(seed=1, num_steps=2, guidance_scale=2.0, eta=1.0, batch_size=2)
+    settings = SamplingSettings(samples_per_prompt=3, **args)
+    a = generate_samples(sd, prompt, settings, tmp_path / "a")
+    b = generate_samples(other, prompt, settings, tmp_path / "b")
+    generate_samples(sd, prompt, settings, tmp_path / "c")
     assert [r["seed"] for r in a] == [r["seed"] for r in b] == sample_seeds(prompt, 3, 1)
     assert (
         len(set(sample_seeds(prompt, 3, 1)) & set(sample_seeds(prompt_from_slug("nv__none"), 3, 1)))
@@ -254,7 +256,7 @@ def test_generated_samples_are_paired_by_prompt_and_index(tmp_path):
         {k: r[k] for k in ("prompt", "sample", "seed")} for r in a
     ]
     with pytest.raises(ValueError, match="at least 1"):
-        generate_samples(sd, prompt, out_dir=tmp_path / "d", **{**args, "n": 0})
+        generate_samples(sd, prompt, SamplingSettings(0, **args), tmp_path / "d")
     assert not (tmp_path / "d").exists()
 
 
@@ -676,7 +678,8 @@ def test_augmentation_labels_come_from_the_prompts(tmp_path):
     folders = []
     for slug in ("mel__gel-ink", "nv__ruler"):
         folders.append(str(tmp_path / "samples" / slug))
-        generate_samples(sd, prompt_from_slug(slug), 2, 0, 2, 2.0, 1.0, 2, folders[-1])
+        settings = SamplingSettings(2, 2, 2.0, seed=0, eta=1.0, batch_size=2)
+        generate_samples(sd, prompt_from_slug(slug), settings, folders[-1])
     out = tmp_path / "aug" / "manifest.csv"
     augmented_manifest(manifest, folders, "sd", out)
     df = read_manifest(out)

@@ -14,24 +14,20 @@ from safetensors.torch import load_file, save_file
 from tiny_models import TokenizerSpy, tiny_sd_config
 from transformers import AutoTokenizer
 
-import rl4med.models.classifier as classifier_mod
-import rl4med.models.finetune as finetune_mod
+import rl4med.classifiers.train as classifier_mod
+import rl4med.stage_i.finetune as finetune_mod
 from rl4med.attributes import ATTRIBUTES
+from rl4med.classifiers.metrics import binary_metrics, tune_thresholds
+from rl4med.classifiers.train import ClassifierSettings, train_classifier
 from rl4med.data.synthetic import generate_dataset
+from rl4med.evaluation.checks import autoencoder_check
 from rl4med.models.autoencoder import PatchAutoencoder
-from rl4med.models.checks import autoencoder_check
-from rl4med.models.classifier import (
-    ClassifierError,
-    binary_metrics,
-    load_classifier,
-    train_classifier,
-    tune_thresholds,
-)
-from rl4med.models.finetune import finetune, restore_ema
+from rl4med.models.classifier import ClassifierError, load_classifier
 from rl4med.models.sd import ModelFolderError, StableDiffusion, build_tiny_sd, load_sd
 from rl4med.models.tokenizer import train_prompt_tokenizer
 from rl4med.prompts import all_prompts
 from rl4med.sampling import initial_noise, sample_images
+from rl4med.stage_i.finetune import finetune, restore_ema
 
 TINY = tiny_sd_config()
 FINETUNE = {
@@ -542,14 +538,13 @@ def test_classifier_precision_auto_follows_the_hardware(
     """auto: bf16 autocast and channels-last where bf16 is native (CPU included), else float32."""
     monkeypatch.setattr(classifier_mod, "native_bf16", lambda device: native)
     train_df = pd.read_csv(data)
-    run = classifier_mod._setup(
-        {**CLASSIFIER, "mixed_precision": precision}, train_df, torch.device("cpu")
-    )
+    settings = ClassifierSettings.from_config({**CLASSIFIER, "mixed_precision": precision})
+    run = classifier_mod._setup(settings, train_df, torch.device("cpu"))
     assert run.autocast is autocast and run.channels_last is autocast  # inputs as the weights
     conv = next(p for p in run.model.parameters() if p.dim() == 4)
     assert conv.is_contiguous(memory_format=torch.channels_last) is autocast
-    with pytest.raises(ValueError, match="classifier mixed_precision 'fp16'"):
-        classifier_mod._setup({**CLASSIFIER, "mixed_precision": "fp16"}, train_df, "cpu")
+    with pytest.raises(ValueError, match=r"classifier.mixed_precision 'fp16': use one of no, bf16"):
+        ClassifierSettings.from_config({**CLASSIFIER, "mixed_precision": "fp16"})
 
 
 def test_saved_thresholds_are_used(classifier_dir, data, tmp_path):
@@ -748,7 +743,7 @@ def test_autoencoder_check_reports_both_rates(classifier_dir, data):
 
 
 def test_prompt_adherence_keeps_only_the_grid_and_does_not_depend_on_batches(classifier_dir):
-    from rl4med.models.checks import prompt_adherence
+    from rl4med.evaluation.checks import prompt_adherence
     from rl4med.prompts import Prompt
 
     sd = build_tiny_sd(TINY, 32)
@@ -767,7 +762,7 @@ def test_prompt_adherence_keeps_only_the_grid_and_does_not_depend_on_batches(cla
 
 
 def test_prompt_adherence_apr_reads_the_artifacts_and_exact6_all_six():
-    from rl4med.models.checks import _adherence_rows
+    from rl4med.evaluation.checks import _adherence_rows
     from rl4med.prompts import Prompt
 
     p = Prompt("NV", ("hair",))
@@ -786,7 +781,7 @@ def test_prompt_adherence_apr_reads_the_artifacts_and_exact6_all_six():
 
 
 def test_vae_pretrain_learns_and_sets_the_scaling_factor(data, tmp_path):
-    from rl4med.models.vae import pretrain_vae
+    from rl4med.tiny_sd.vae import pretrain_vae
 
     kl = {"block_out_channels": [8, 16], "latent_channels": 4, "norm_num_groups": 4}
     cfg = {
@@ -857,10 +852,10 @@ def test_classifier_epochs_follow_balance_power(data, monkeypatch):
     crowded = train_df[["hair", "gel_bubbles", "ink", "ruler"]].sum(axis=1).to_numpy() >= 2
     shares = {}
     for power in (0.0, 1.0):
-        cfg = {**CLASSIFIER, "balance_power": power}
-        run = classifier_mod._setup(cfg, train_df, torch.device("cpu"))
+        settings = ClassifierSettings.from_config({**CLASSIFIER, "balance_power": power})
+        run = classifier_mod._setup(settings, train_df, torch.device("cpu"))
         with pytest.raises(StopIteration):
-            classifier_mod._train_epoch(run, train_df, cfg, 0)
+            classifier_mod._train_epoch(run, train_df, settings, 0)
         shares[power] = crowded[seen["order"]].mean()
     assert shares[0.0] == pytest.approx(crowded.mean())  # every image once
     assert shares[1.0] > 1.5 * shares[0.0]

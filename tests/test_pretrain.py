@@ -14,10 +14,12 @@ from safetensors.torch import load_file
 from tiny_models import tiny_sd_config
 
 from rl4med.attributes import ARTIFACTS
-from rl4med.models import pretrain as pt
 from rl4med.models.sd import TinyInitError, build_tiny_sd, load_sd, load_tiny_init
+from rl4med.tiny_sd import card
+from rl4med.tiny_sd import pretrain as pt
 
 REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "schemas" / "pretrain-tiny.schema.yaml"
 
 
 def _unet_state(sd):
@@ -70,7 +72,7 @@ def test_init_from_a_missing_folder_says_so(tmp_path):
 
 
 def test_shipped_config_validates_and_bad_keys_are_named(tmp_path):
-    cfg = pt.load_config(REPO / "config" / "pretrain-tiny.yaml")
+    cfg = pt.load_config(REPO / "config" / "pretrain-tiny.yaml", SCHEMA)
     syn = cfg["data"]["synthetic"]
     assert syn["seed"] != 0  # never the demo's or the showcase's images
     assert cfg["sd"]["tiny"]["init"] == "scratch"
@@ -90,25 +92,36 @@ def test_shipped_config_validates_and_bad_keys_are_named(tmp_path):
     raw["sd"]["tiny"]["init"] = "resources/tiny-sd-derm64"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(pt.PretrainConfigError, match=r"bad.yaml: key 'sd.tiny.init'"):
-        pt.load_config(tmp_path / "bad.yaml")
+        pt.load_config(tmp_path / "bad.yaml", SCHEMA)
     raw["sd"]["tiny"]["init"] = "scratch"
     raw["pretrain"]["early"]["step"] = raw["finetune_sd"]["max_steps"]
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(pt.PretrainConfigError, match=r"key 'pretrain.early.step': 2500 is not"):
-        pt.load_config(tmp_path / "bad.yaml")
+        pt.load_config(tmp_path / "bad.yaml", SCHEMA)
     raw["pretrain"]["early"]["step"] = 740  # off the loss log's grid (log_every 25)
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(pt.PretrainConfigError, match=r"740 is not a multiple of .*log_every"):
-        pt.load_config(tmp_path / "bad.yaml")
+        pt.load_config(tmp_path / "bad.yaml", SCHEMA)
     raw["pretrain"]["early"] = {"step": 750, "output": raw["pretrain"]["output"]}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(pt.PretrainConfigError, match=r"'pretrain.early.output': the same as"):
-        pt.load_config(tmp_path / "bad.yaml")
+        pt.load_config(tmp_path / "bad.yaml", SCHEMA)
     raw["pretrain"]["early"]["output"] = "resources/tiny-sd-derm64-step750"
     raw["finetune_sd"]["max_stepz"] = 3
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(pt.PretrainConfigError, match=r"key 'finetune_sd'.*max_stepz"):
-        pt.load_config(tmp_path / "bad.yaml")
+        pt.load_config(tmp_path / "bad.yaml", SCHEMA)
+
+
+def test_a_missing_config_or_schema_stops_with_one_line_naming_it(tmp_path):
+    config, missing = REPO / "config" / "pretrain-tiny.yaml", tmp_path / "nope.yaml"
+    for args, line in [
+        ((missing, SCHEMA), f"{missing}: no such config file"),
+        ((config, missing), f"{missing}: no such schema file"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            pt.main(["--config", str(args[0]), "--schema", str(args[1])])
+        assert str(stop.value) == f"pretrain-tiny: {line}"
 
 
 def test_adherence_rates_weight_prompts_by_samples():
@@ -131,7 +144,7 @@ def test_adherence_rates_weight_prompts_by_samples():
 
 def test_training_seconds_add_up_resumed_segments():
     curve = pd.DataFrame({"seconds": [10.0, 20.0, 4.0, 9.0, 3.0]})
-    assert pt.training_seconds(curve) == pytest.approx(20 + 9 + 3)
+    assert card.training_seconds(curve) == pytest.approx(20 + 9 + 3)
 
 
 def _micro_config(tmp_path):
@@ -144,7 +157,7 @@ def _micro_config(tmp_path):
     raw["pretrain"] = {"speed_batch": 2}
     path = tmp_path / "micro.yaml"
     path.write_text(yaml.safe_dump(raw))
-    return pt.load_config(path)
+    return pt.load_config(path, SCHEMA)
 
 
 def test_pretrain_writes_a_loadable_float16_model_with_its_card(tmp_path, monkeypatch, caplog):
@@ -197,9 +210,9 @@ def test_pretrain_writes_a_loadable_float16_model_with_its_card(tmp_path, monkey
     def fail(*args, **kwargs):
         raise AssertionError("a finished step ran again")
 
-    monkeypatch.setattr("rl4med.models.finetune.finetune", fail)
-    monkeypatch.setattr("rl4med.models.classifier.train_classifier", fail)
-    monkeypatch.setattr("rl4med.models.checks.prompt_adherence", fail)
+    monkeypatch.setattr("rl4med.stage_i.finetune.finetune", fail)
+    monkeypatch.setattr("rl4med.classifiers.train.train_classifier", fail)
+    monkeypatch.setattr("rl4med.evaluation.checks.prompt_adherence", fail)
     before = (out / "README.md").read_text()
     pt.pretrain(cfg, work, out, threads=2)
     assert (out / "README.md").read_text() == before

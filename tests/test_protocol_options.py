@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tiny_models import tiny_sd_config
 
-import rl4med.models.classifier as classifier_mod
-import rl4med.models.finetune as finetune_mod
+import rl4med.classifiers.train as classifier_mod
+import rl4med.stage_i.finetune as finetune_mod
 from rl4med.attributes import ATTRIBUTES
+from rl4med.classifiers.train import ClassifierSettings, augment, derived_seed
 from rl4med.data.images import balanced_order, load_image, manifest_loader, to_float
 from rl4med.data.manifest import read_manifest, write_manifest
 from rl4med.evaluation.frechet import (
@@ -27,7 +28,13 @@ from rl4med.evaluation.frechet import (
     real_statistics,
 )
 from rl4med.evaluation.perceptual import load_lpips, lpips_distances, lpips_table, pair_with_real
-from rl4med.evaluation.samples import generate_samples, read_samples, sample_index, sample_seeds
+from rl4med.evaluation.samples import (
+    SamplingSettings,
+    generate_samples,
+    read_samples,
+    sample_index,
+    sample_seeds,
+)
 from rl4med.evaluation.storage import (
     as_stored,
     metric_label_suffix,
@@ -35,15 +42,7 @@ from rl4med.evaluation.storage import (
     sample_rounding,
     sample_suffix,
 )
-from rl4med.models.classifier import (
-    AttributeClassifier,
-    ClassifierSpec,
-    augment,
-    classifier_augment,
-    classifier_crop,
-    create_backbone,
-    derived_seed,
-)
+from rl4med.models.classifier import AttributeClassifier, ClassifierSpec, create_backbone
 from rl4med.models.sd import build_tiny_sd
 from rl4med.prompts import prompt_from_slug
 from rl4med.sampling import sample_images, to_uint8
@@ -87,9 +86,10 @@ def test_floor_truncates_as_the_authors_astype_and_round_rounds():
 def test_a_jpeg75_sample_is_the_floored_image_as_pil_quality_75_gives_it(tmp_path):
     sd = build_tiny_sd(tiny_sd_config(), 32)
     prompt = prompt_from_slug("mel__gel-ruler")
-    args = dict(n=3, seed=1, num_steps=2, guidance_scale=2.0, eta=1.0, batch_size=2)
-    rows = generate_samples(sd, prompt, out_dir=tmp_path / "j", sample_format="jpeg75", **args)
-    generate_samples(sd, prompt, out_dir=tmp_path / "p", **args)  # png, the default
+    args = dict(samples_per_prompt=3, seed=1, num_steps=2, guidance_scale=2.0, batch_size=2)
+    jpeg = SamplingSettings(sample_format="jpeg75", **args)
+    rows = generate_samples(sd, prompt, jpeg, tmp_path / "j")
+    generate_samples(sd, prompt, SamplingSettings(**args), tmp_path / "p")  # png, the default
     jpeg, index = read_samples(tmp_path / "j")
     png, png_index = read_samples(tmp_path / "p")
     assert index["file"].tolist() == [r["file"] for r in rows] == [f"0000{i}.jpg" for i in range(3)]
@@ -151,12 +151,19 @@ def test_crop_none_squashes_a_4_by_3_image_and_center_cuts_its_edges(tmp_path):
 
 def test_classifiers_and_stage_i_read_their_crop_key_and_default_to_the_centre(tmp_path):
     manifest = read_manifest(_manifest(tmp_path))
-    assert classifier_crop({}) == "center" and classifier_crop({"crop": "none"}) == "none"
-    assert classifier_augment({}) == "ours" and classifier_augment({"augment": "flips"}) == "flips"
-    with pytest.raises(ValueError, match="classifier augment 'all'"):
-        classifier_augment({"augment": "all"})
+
+    def settings(**keys):
+        base = {"architecture": "resnet10t", "image_size": 32, "seed": 0, "epochs": 1}
+        return ClassifierSettings.from_config(
+            {**base, "batch_size": 6, "learning_rate": 0.1, **keys}
+        )
+
+    assert settings().crop == "center" and settings(crop="none").crop == "none"
+    assert settings().augment == "ours" and settings(augment="flips").augment == "flips"
+    with pytest.raises(ValueError, match="classifier.augment 'all'"):
+        settings(augment="all")
     for cfg, red in (({}, False), ({"crop": "center"}, False), ({"crop": "none"}, True)):
-        loader = manifest_loader(manifest, 32, 6, crop=classifier_crop(cfg))
+        loader = manifest_loader(manifest, 32, 6, crop=settings(**cfg).crop)
         images, _ = next(iter(loader))
         assert all(_red(x.permute(1, 2, 0).numpy()) == red for x in images), cfg
     # stage i: the training set built by finetune's setup follows finetune_sd.crop
@@ -164,14 +171,14 @@ def test_classifiers_and_stage_i_read_their_crop_key_and_default_to_the_centre(t
     accel = make_accelerator(torch.device("cpu"))
     for cfg, red in ((base, False), ({**base, "crop": "none"}, True)):
         sd = build_tiny_sd(tiny_sd_config(), 32)
-        run = finetune_mod._setup(sd, tmp_path / "manifest.csv", tmp_path / "ck", cfg, accel, 0)
+        settings = finetune_mod.FinetuneSettings.from_config(cfg)
+        run = finetune_mod._setup(
+            sd, tmp_path / "manifest.csv", tmp_path / "ck", settings, accel, 0, "run"
+        )
         image, _ = run.data[0]
         assert _red(image.permute(1, 2, 0).numpy()) == red, cfg
     with pytest.raises(ValueError, match="finetune_sd.crop 'edge'"):
-        sd = build_tiny_sd(tiny_sd_config(), 32)
-        finetune_mod._setup(
-            sd, tmp_path / "manifest.csv", tmp_path / "ck", {**base, "crop": "edge"}, accel, 0
-        )
+        finetune_mod.FinetuneSettings.from_config({**base, "crop": "edge"})
 
 
 def _judge():
@@ -347,9 +354,10 @@ def test_a_classifier_without_the_new_keys_trains_on_the_same_batch_as_before(
         ("explicit", {"crop": "center", "augment": "ours"}),
         ("authors", {"crop": "none", "augment": "flips"}),
     ):
-        run = classifier_mod._setup({**cfg, **extra}, train, torch.device("cpu"))
+        settings = ClassifierSettings.from_config({**cfg, **extra})
+        run = classifier_mod._setup(settings, train, torch.device("cpu"))
         with pytest.raises(StopIteration):
-            classifier_mod._train_epoch(run, train, {**cfg, **extra}, 0)
+            classifier_mod._train_epoch(run, train, settings, 0)
         batches[name] = seen["x"]
     order = balanced_order(train[list(ATTRIBUTES)].to_numpy(), 3, 0, 0.0)[:4]
     images = np.stack([load_image(train["path"].iloc[i], 32) for i in order])

@@ -1,4 +1,4 @@
-"""The authors' published weights (rl4med.models.published), in their own formats, made here.
+"""The authors' published weights (rl4med.published), in their own formats, made here.
 
 Nothing is downloaded: every stand-in is written at test time exactly as the authors' code wrote
 the real file. The UNet is SD v1.5's architecture at a tenth of its width (rl4med.models.sd15),
@@ -33,7 +33,11 @@ from rl4med.attributes import ATTRIBUTES
 from rl4med.ddpo import RewardOutput
 from rl4med.ddpo.train import ddpo_train
 from rl4med.models.classifier import IMAGENET_MEAN, IMAGENET_STD, load_classifier
-from rl4med.models.published import (
+from rl4med.models.sd import build_tiny_sd, load_sd
+from rl4med.models.sd15 import build_sd15_folder, sd15_configs
+from rl4med.models.trainable import select_trainable, trainable
+from rl4med.prompts import all_prompts, to_prompt
+from rl4med.published import (
     AUTHORS_ARCHITECTURE,
     PublishedWeightsError,
     import_authors_classifier,
@@ -44,10 +48,6 @@ from rl4med.models.published import (
     merge_published_lora,
     read_attn_lora,
 )
-from rl4med.models.sd import build_tiny_sd, load_sd
-from rl4med.models.sd15 import build_sd15_folder, sd15_configs
-from rl4med.models.trainable import select_trainable, trainable
-from rl4med.prompts import all_prompts, to_prompt
 
 WIDTH = 0.1  # SD v1.5's UNet with block widths [32, 64, 128, 128]
 RANK = 3  # not diffusers 0.17's default 4: the loader must read it from the tensors
@@ -378,8 +378,6 @@ def test_ddpo_continues_from_the_lora_and_counts_on(tmp_path, caplog):
     cfg = {
         "seed": 0,
         "max_iterations": 52,
-        "start_iteration": 51,
-        "init_lora": str(lora_dir),
         "samples_per_prompt": 2,
         "num_steps": 2,
         "eta": 1.0,
@@ -399,7 +397,15 @@ def test_ddpo_continues_from_the_lora_and_counts_on(tmp_path, caplog):
     out = tmp_path / "sd_rl"
     with caplog.at_level(logging.INFO, logger="rl4med.ddpo.train"):
         curve = ddpo_train(
-            sd, brightness, prompts, cfg, out, tmp_path / "log.tsv", tmp_path / "ckpt"
+            sd,
+            brightness,
+            prompts,
+            cfg,
+            out,
+            tmp_path / "log.tsv",
+            tmp_path / "ckpt",
+            init_lora=lora_dir,
+            start_iteration=51,
         )
     assert curve["iteration"].tolist() == [52]
     assert "after its 51 iterations, with a fresh optimizer state" in caplog.text

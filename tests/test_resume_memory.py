@@ -27,7 +27,7 @@ WORKER = textwrap.dedent(
     import torch
     from diffusers.training_utils import EMAModel
     from rl4med.checkpoint import load_latest_checkpoint
-    from rl4med.models.finetune import restore_ema
+    from rl4med.stage_i.finetune import restore_ema
 
     def anon_mb():
         with open("/proc/self/status") as f:

@@ -199,7 +199,7 @@ def case_sample_grids(root: Path, n: int, out: Path) -> int:
 
 
 def case_autoencoder_check(root: Path, n: int, out: Path) -> int:
-    from rl4med.models.checks import autoencoder_check
+    from rl4med.evaluation.checks import autoencoder_check
     from rl4med.models.classifier import load_classifier
     from rl4med.models.sd import load_sd
 
@@ -253,8 +253,8 @@ def _register_pool_net() -> str:
 
 def case_train_augmented(root: Path, n: int, out: Path) -> int:
     """train_classifier on a Table 4 training set (32 real + n synthetic images), 256 px."""
+    from rl4med.classifiers.train import train_classifier
     from rl4med.data.manifest import read_manifest
-    from rl4med.models.classifier import train_classifier
 
     cfg = {
         "architecture": _register_pool_net(),

@@ -33,7 +33,6 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from rl4med.data.synthetic import generate_dataset
 from rl4med.ddpo import RewardOutput
 from rl4med.ddpo.train import RATIO_TOLERANCE, ddpo_train
-from rl4med.models.finetune import finetune
 from rl4med.models.sd import load_sd
 from rl4med.models.sd15 import (
     SD15_SCHEDULER,
@@ -45,6 +44,7 @@ from rl4med.models.sd15 import (
 )
 from rl4med.models.trainable import LORA_TARGETS
 from rl4med.prompts import all_prompts
+from rl4med.stage_i.finetune import finetune
 
 WIDTH = 0.25
 SIZE = 64

@@ -21,7 +21,7 @@ from test_workflow import jobs, load, model_jobs, snakemake, write_config
 from tiny_models import tiny_sd_config
 
 from rl4med.ddpo.train import RATIO_TOLERANCE, Settings, ddpo_train
-from rl4med.evaluation.samples import generate_samples, read_index, sample_seeds
+from rl4med.evaluation.samples import SamplingSettings, generate_samples, read_index, sample_seeds
 from rl4med.models.sd import build_tiny_sd
 from rl4med.prompts import to_prompt
 from rl4med.sampling import sample_images
@@ -87,7 +87,8 @@ def test_samples_do_not_depend_on_the_batch_size(tmp_path):
     images = {}
     for batch in (4, 16):
         out = tmp_path / f"batch{batch}"
-        generate_samples(sd, prompt, 16, 1, out_dir=out, batch_size=batch, **SAMPLER)
+        settings = SamplingSettings(16, seed=1, batch_size=batch, **SAMPLER)
+        generate_samples(sd, prompt, settings, out)
         index = read_index(out)
         assert index["seed"].tolist() == sample_seeds(prompt, 16, 1)
         images[batch] = np.stack([np.asarray(Image.open(p)) for p in index["path"]])

@@ -7,14 +7,8 @@ import pytest
 
 from rl4med.attributes import ARTIFACTS, ATTRIBUTES
 from rl4med.data.manifest import read_manifest
-from rl4med.data.synthetic import (
-    ARTIFACT_PARAMS,
-    LabelModel,
-    SceneParams,
-    generate_dataset,
-    render,
-    sample_scene,
-)
+from rl4med.data.render import ARTIFACT_PARAMS, SceneParams, render, sample_scene
+from rl4med.data.synthetic import LabelModel, generate_dataset
 
 
 def _digest(folder):

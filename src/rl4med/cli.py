@@ -30,7 +30,7 @@ def cmd_prompts(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from rl4med.evaluation.samples import generate_samples, read_samples
+    from rl4med.evaluation.samples import SamplingSettings, generate_samples, read_samples
     from rl4med.figures import save_grid
     from rl4med.models.sd import inference_dtype, load_sd
     from rl4med.prompts import to_prompt
@@ -44,9 +44,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     device = select_device(args.device)
     sd = load_sd(args.model, device, inference_dtype(args.dtype, device))
     folder = args.samples_dir or args.out.with_suffix("")
-    generate_samples(
-        sd, prompt, args.n, args.seed, args.steps, args.guidance, args.eta, args.batch_size, folder
+    settings = SamplingSettings(
+        args.n, args.steps, args.guidance, seed=args.seed, eta=args.eta, batch_size=args.batch_size
     )
+    generate_samples(sd, prompt, settings, folder)
     images, _ = read_samples(folder)
     cols = min(args.n, 8)
     rows = -(-args.n // cols)

@@ -62,8 +62,8 @@ def run_finetune(
 ) -> None:
     """Stage i: fine-tune the UNet of ``base`` (at ``image_size``) into ``model``, on prompts
     worded in ``prompt_template`` (config ``prompts.template``; the model records it)."""
-    from rl4med.models.finetune import finetune
     from rl4med.models.sd import load_sd
+    from rl4med.stage_i.finetune import finetune
 
     dev = _prepare(device, gpus, rule, threads, int(cfg["seed"]))
     # float32 master weights; mixed precision through accelerate. The image size goes into
@@ -98,9 +98,12 @@ def run_ddpo(
     threads: int,
     tracking: Mapping[str, Any] | None,
     speed: Mapping[str, Any] | None = None,
+    init_lora: str | None = None,
+    start_iteration: int = 0,
 ) -> None:
     """Stage ii: DDPO of the stage-i model ``sd`` with the reward classifier's r_A.
-    ``speed``: config ``sd.compile`` / ``sd.channels_last`` where set."""
+    ``speed``: config ``sd.compile`` / ``sd.channels_last`` where set. ``init_lora``,
+    ``start_iteration``: continuing the published LoRA (config ``published``)."""
     from rl4med.ddpo import AttributeReward
     from rl4med.ddpo.train import ddpo_train
     from rl4med.models.classifier import load_classifier
@@ -122,6 +125,8 @@ def run_ddpo(
         device=dev,
         tracking=tracking,
         speed=SamplingSpeed.from_config(speed),
+        init_lora=init_lora,
+        start_iteration=start_iteration,
     )
     _log_weights(model_sd.unet)
 

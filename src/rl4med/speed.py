@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rl4med.settings import AUTO
+
 if TYPE_CHECKING:
     from rl4med.models.sd import StableDiffusion
 
 log = logging.getLogger(__name__)
 
-AUTO = "auto"
 CPU_BATCH_SIZE = 64
 """What ``auto`` means off a GPU, and for the metric rules everywhere (their time goes to
 decoding images, not to GPU memory): the schema's default of both keys."""

@@ -43,3 +43,11 @@ class PerPromptStatTracker:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.buffer_size, self.min_count = int(state["buffer_size"]), int(state["min_count"])
         self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state["buffers"].items()}
+
+
+def clipped_advantages(
+    tracker: PerPromptStatTracker, prompts: Sequence[str], rewards: np.ndarray, clip: float
+) -> np.ndarray:
+    """The iteration's advantages: rewards normalised per prompt by ``tracker`` (updated with
+    them), clipped to [-clip, clip] (``adv_clip_max``)."""
+    return np.clip(tracker.update(prompts, rewards), -clip, clip)

@@ -17,9 +17,10 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -34,6 +35,7 @@ from rl4med.evaluation.storage import (
 )
 from rl4med.io import atomic_dir
 from rl4med.prompts import Prompt, all_slugs, prompt_from_slug
+from rl4med.settings import build
 
 # torch, diffusers and timm are imported where they are used: reading a few samples (the
 # report's grids) needs none of them, and a metric rule that only reads samples no diffusers.
@@ -53,23 +55,47 @@ def sample_seeds(prompt: Prompt, n: int, seed: int) -> list[int]:
     return [seed * 100_000_000 + k * 1_000_000 + i for i in range(n)]
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How a generate job samples: the ``evaluation`` keys that decide its images (the rule
+    passes only these; schemas/config.schema.yaml describes each)."""
+
+    samples_per_prompt: int
+    num_steps: int
+    guidance_scale: float
+    seed: int = 1
+    eta: float = 1.0
+    # an integer, or auto: from the GPU's free memory (rl4med.speed.sampling_batch_size)
+    batch_size: int | str = 64
+    # png (rounded, lossless) or jpeg75 (truncated, .jpg of quality 75, as the authors)
+    sample_format: str = DEFAULT_SAMPLE_FORMAT
+
+    ABSENT_MEANS = {"sample_format": DEFAULT_SAMPLE_FORMAT}
+    """Keys the schema leaves without a default on purpose: absent means as before the key."""
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> SamplingSettings:
+        s = build(cls, cfg, "evaluation")
+        sample_suffix(s.sample_format)  # a one-line error for an unknown format
+        return s
+
+
 def generate_samples(
     sd: StableDiffusion,
     prompt: Prompt,
-    n: int,
-    seed: int,
-    num_steps: int,
-    guidance_scale: float,
-    eta: float,
-    batch_size: int,
+    settings: SamplingSettings,
     out_dir: str | os.PathLike[str],
-    sample_format: str = DEFAULT_SAMPLE_FORMAT,
 ) -> list[dict[str, object]]:
-    """Write ``n`` samples and ``index.csv`` into ``out_dir``, all or nothing (atomic folder);
-    returns the index's rows (file, prompt, sample, seed). ``sample_format``: png (rounded,
-    lossless) or jpeg75 (truncated, ``.jpg`` of quality 75, as the authors)."""
+    """Write ``settings.samples_per_prompt`` samples and ``index.csv`` into ``out_dir``, all
+    or nothing (atomic folder); returns the index's rows (file, prompt, sample, seed).
+    ``settings.batch_size`` must be a number here (``auto`` is resolved with the model on its
+    device first)."""
     from rl4med.sampling import sample_images
 
+    n, seed = settings.samples_per_prompt, settings.seed
+    batch_size, sample_format = settings.batch_size, settings.sample_format
+    if not isinstance(batch_size, int):
+        raise ValueError(f"evaluation.batch_size {batch_size!r}: resolve auto before sampling")
     if n < 1:
         raise ValueError(f"samples_per_prompt must be at least 1, got {n}")
     suffix, rounding = sample_suffix(sample_format), sample_rounding(sample_format)
@@ -82,9 +108,9 @@ def generate_samples(
                 sd,
                 [prompt] * len(chunk),
                 chunk,
-                num_steps,
-                guidance_scale,
-                eta,
+                settings.num_steps,
+                settings.guidance_scale,
+                settings.eta,
                 batch_size,
                 rounding=rounding,
             )

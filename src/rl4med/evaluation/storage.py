@@ -27,6 +27,9 @@ from PIL import Image
 SAMPLE_FORMATS = ("png", "jpeg75")
 # the format where the config names none (runs from before the key keep their params)
 DEFAULT_SAMPLE_FORMAT = "png"
+# how the metrics read real images where the config names no evaluation.crop: squashed to the
+# model's size, as the authors' metric code
+DEFAULT_METRIC_CROP = "none"
 _SUFFIX = {"png": ".png", "jpeg75": ".jpg"}
 _PIL_FORMAT = {"png": "PNG", "jpeg75": "JPEG"}
 # how a sample's float image becomes uint8 before it is stored (rl4med.sampling.to_uint8)
@@ -86,7 +89,9 @@ def as_stored(image: np.ndarray, fmt: str) -> np.ndarray:
     return decode(encode(image, fmt))
 
 
-def real_image(path: str, size: int, crop: str = "none", fmt: str = "png") -> np.ndarray:
+def real_image(
+    path: str, size: int, crop: str = DEFAULT_METRIC_CROP, fmt: str = DEFAULT_SAMPLE_FORMAT
+) -> np.ndarray:
     """A real image as the metrics (FD/FID, LPIPS) compare samples with it: RGB uint8
     (size, size, 3), resized without cropping (``crop="none"``, the authors') or from its centre
     square. png: decoded at a reduced scale where the JPEG is much larger (``load_image``'s

@@ -5,19 +5,22 @@ pre-trained here by stage i on its own synthetic data (its own seed, every artif
 all 32 prompt combinations well represented, the demo's spurious correlations weaker), so that
 the demo's and the showcase's stage i fine-tune it on their own data (``sd.tiny.init``).
 
-``make pretrain-tiny`` (``python -m rl4med.models.pretrain``) runs the steps below; each is
-skipped when its output exists and stage i and the judge resume from their checkpoints, so a
-killed run continues where it stopped. On a GPU when one is present (``select_device``).
+``make pretrain-tiny`` (``python -m rl4med.tiny_sd.pretrain --config config/pretrain-tiny.yaml
+--schema schemas/pretrain-tiny.schema.yaml``) runs the steps below; each is skipped when its
+output exists and stage i and the judge resume from their checkpoints, so a killed run continues
+where it stopped. On a GPU when one is present (``select_device``). Of the repository it reads
+only those two files; relative paths (``pretrain.output``, ``work_dir``, ``early.output``, the
+options) are taken from the current directory, which ``make`` sets to the repository root.
 
 1. data: ``rl4med.data.synthetic.generate_dataset`` with ``data.synthetic``;
 2. base: ``build_tiny_sd`` with ``sd.tiny`` (random weights);
-3. stage i: ``rl4med.models.finetune.finetune`` with ``finetune_sd``;
+3. stage i: ``rl4med.stage_i.finetune.finetune`` with ``finetune_sd``;
 4. judge: ``train_classifier`` with ``judge`` (the demo's judge settings) on the same data;
 5. export: the weights in float16 when its samples stay close to float32's, else float32;
 6. measure: the judge's prompt adherence per artifact on samples of all 32 prompts (and of
    the single-artifact prompts of the demo's ``stage_i_check``) and the sampling speed;
-7. the model folder with its card (README.md, loss curve, adherence table, sample grid),
-   written atomically to ``pretrain.output``.
+7. the model folder with its card (README.md, loss curve, adherence table, sample grid;
+   ``rl4med.tiny_sd.card``), written atomically to ``pretrain.output``.
 
 With ``pretrain.early`` stage i first stops at that step and keeps its model, which steps 5-7
 ship as a second folder (``pretrain.early.output``): a weaker start for stage i.
@@ -29,9 +32,9 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,38 +47,40 @@ import yaml
 
 from rl4med.attributes import ARTIFACTS
 from rl4med.io import atomic_dir, atomic_path, write_table
+from rl4med.tiny_sd import card
+from rl4med.tiny_sd.card import ALL, SINGLE
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[3]
-SCHEMA = ROOT / "schemas" / "pretrain-tiny.schema.yaml"
-DEFAULT_CONFIG = ROOT / "config" / "pretrain-tiny.yaml"
-SINGLE = "single-artifact prompts"
-ALL = "all 32 prompts"
-
 
 class PretrainConfigError(ValueError):
-    """The pre-training config does not validate; the message names the key."""
+    """The pre-training config does not validate or is missing; the message names the key or
+    the file."""
 
 
-def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate ``config/pretrain-tiny.yaml`` (defaults filled in from the schema);
-    an invalid config stops with one line naming the key, as the workflow's does."""
+def load_config(path: str | os.PathLike[str], schema: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate ``config/pretrain-tiny.yaml`` against ``schema`` (defaults filled in:
+    ``schemas/pretrain-tiny.schema.yaml``, whose references name ``config.schema.yaml`` beside
+    it); an invalid config or a missing file stops with one line naming the key or the file."""
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
 
     from rl4med.config import invalid_key
 
+    schema = Path(schema)
+    for what, file in (("config", Path(path)), ("schema", schema)):
+        if not file.is_file():
+            raise PretrainConfigError(f"{file}: no such {what} file")
     cfg = yaml.safe_load(Path(path).read_text())
     if not isinstance(cfg, dict):
         raise PretrainConfigError(f"{path}: not a YAML mapping")
     cfg.setdefault("pretrain", {})
     try:
-        validate(cfg, str(SCHEMA), set_default=True)
+        validate(cfg, str(schema), set_default=True)
     except WorkflowError as err:
         key, what = invalid_key(str(err))
         raise PretrainConfigError(
-            f"{path}: key '{key}': {what} (the keys are in {SCHEMA.name} and config.schema.yaml)"
+            f"{path}: key '{key}': {what} (the keys are in {schema.name} and config.schema.yaml)"
         ) from None
     early, steps = _early_step(cfg), int(cfg["finetune_sd"]["max_steps"])
     log_every = int(cfg["finetune_sd"].get("log_every", 10))
@@ -104,8 +109,8 @@ def _data(cfg: Mapping[str, Any], work: Path) -> Path:
 def _stage_i(cfg: Mapping[str, Any], work: Path, manifest: Path, device: torch.device) -> Path:
     """Build the random-weight model once, then train it (resuming from checkpoints); with
     ``pretrain.early`` the run stops at its step first and keeps that model (``sd_step<N>``)."""
-    from rl4med.models.finetune import finetune
     from rl4med.models.sd import build_tiny_sd, load_sd
+    from rl4med.stage_i.finetune import finetune
 
     base, model = work / "sd_base", work / "sd"
     tiny = cfg["sd"]["tiny"]
@@ -141,7 +146,7 @@ def _early_step(cfg: Mapping[str, Any]) -> int | None:
 
 
 def _judge(cfg: Mapping[str, Any], work: Path, manifest: Path, device: torch.device) -> Path:
-    from rl4med.models.classifier import train_classifier
+    from rl4med.classifiers.train import train_classifier
 
     folder = work / "judge"
     if not folder.is_dir():
@@ -267,8 +272,8 @@ def _measure(
     cfg: Mapping[str, Any], work: Path, sd: Any, judge: Any, name: str = "measure"
 ) -> dict[str, Any]:
     """The judge's adherence on samples of all 32 prompts, the sample grid, sampling speed."""
+    from rl4med.evaluation.checks import prompt_adherence, single_artifact_prompts
     from rl4med.figures import save_grid
-    from rl4med.models.checks import prompt_adherence, single_artifact_prompts
     from rl4med.prompts import all_prompts
 
     out = work / name
@@ -311,190 +316,6 @@ def _measure(
     with atomic_path(summary) as tmp:
         tmp.write_text(json.dumps(result, indent=2))
     return result
-
-
-def training_seconds(curve: pd.DataFrame) -> float:
-    """Wall seconds of stage i from its loss history: ``seconds`` restarts at each resume, so
-    the run's time is the sum of each segment's last value."""
-    s = curve["seconds"].to_numpy(float)
-    restarts = np.flatnonzero(np.diff(s) < 0)
-    return float(s[restarts].sum() + s[-1]) if len(s) else 0.0
-
-
-def loss_figure(curve: pd.DataFrame, path: str | os.PathLike[str]) -> None:
-    """The stage-i loss curve (log scale) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax.plot(curve["step"], curve["loss"], lw=1)
-    ax.set(xlabel="step", ylabel="denoising loss (MSE)", yscale="log", title="tiny SD pre-training")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
-def data_summary(manifest: Path) -> dict[str, Any]:
-    """What the training split holds: images, prevalences by disease, combination counts."""
-    from rl4med.data.manifest import read_manifest
-
-    train = read_manifest(manifest, split="train")
-    by = train.groupby(["MEL", *ARTIFACTS]).size()
-    return {
-        "train_images": len(train),
-        "combinations": int(len(by)),
-        "combination_min": int(by.min()),
-        "combination_median": float(by.median()),
-        "combination_max": int(by.max()),
-        "prevalence": {
-            d: {a: float(train.loc[train["MEL"] == int(d == "MEL"), a].mean()) for a in ARTIFACTS}
-            for d in ("MEL", "NV")
-        },
-        "p_mel": float(train["MEL"].mean()),
-    }
-
-
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA)"
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f} %"
-
-
-def write_card(path: Path, facts: Mapping[str, Any]) -> None:
-    """The model card (README.md) of the shipped folder, from the run's measured facts."""
-    cfg, m, data = facts["config"], facts["measure"], facts["data"]
-    tiny, ft, unet = cfg["sd"]["tiny"], cfg["finetune_sd"], cfg["sd"]["tiny"]["unet"]
-    syn = cfg["data"]["synthetic"]
-    prev = "; ".join(
-        f"{a} {_pct(data['prevalence']['MEL'][a])} / {_pct(data['prevalence']['NV'][a])}"
-        for a in ARTIFACTS
-    )
-    name = facts.get("name", "tiny-sd-derm64")
-    if facts.get("early_of"):
-        intro = [
-            f"# {name}: the step-{ft['max_steps']} checkpoint of {facts['early_of']}",
-            "",
-            f"The same pre-training run as `{facts['early_of']}`, stopped at step "
-            f"{ft['max_steps']}: a weaker",
-            "start for stage i (`sd.tiny.init`). It draws every artifact but follows the prompt",
-            "less reliably than the finished model, as the paper's SD v1.5 after stage i does",
-            "on ISIC2019's rare combinations; the README (Models) gives what the demo measured",
-            "from it. Open it with `rl4med.models.sd.load_sd(folder)`; `make pretrain-tiny`",
-            f"(`{facts['config_path']}`, `pretrain.early`) writes it.",
-        ]
-    else:
-        intro = [
-            f"# {name}: a pretrained tiny Stable Diffusion for the CPU demo",
-            "",
-            "The base model of the demo's and the showcase's stage i (`sd.tiny.init`, default this",
-            "folder): the paper fine-tunes SD v1.5, a model that can already draw; this stands in",
-            "for it at 64 px on CPUs. Same diffusers classes as SD v1.5 (UNet2DConditionModel,",
-            "CLIPTextModel, DDPM/DDIM schedulers), a word-level prompt tokenizer and a lossless",
-            "pixel-unshuffle patch autoencoder; open it with `rl4med.models.sd.load_sd(folder)`.",
-            f"Reproduce it from scratch with `make pretrain-tiny` (`{facts['config_path']}`).",
-        ]
-    lines = [
-        *intro,
-        "",
-        "## Data",
-        "",
-        f"Procedural dermoscopy-like images (`rl4med.data.synthetic`), {syn['n_images']} images",
-        f"of {syn['image_size']} px with **seed {syn['seed']}** (the demo and the showcase use",
-        "seed 0: none of their images were seen). Training split "
-        f"{data['train_images']} images, P(MEL) {data['p_mel']:.2f}; artifact prevalence "
-        f"MEL / NV: {prev}. All {data['combinations']} combinations of disease and artifacts",
-        f"occur (training images per combination: min {data['combination_min']}, median",
-        f"{data['combination_median']:.0f}, max {data['combination_max']}). The demo's spurious",
-        "correlations are there but weaker: rulers and gel bubbles more frequent with melanoma,",
-        "rulers more frequent with gel bubbles "
-        + json.dumps(syn.get("cooccurrence", [])).replace('"', "")
-        + ".",
-        "",
-        "## Architecture",
-        "",
-        f"- autoencoder: pixel-unshuffle {tiny['patch_size']}x{tiny['patch_size']} patches "
-        f"(lossless), latents {facts['latent_shape']}",
-        f"- UNet: block_out_channels {unet['block_out_channels']}, layers_per_block "
-        f"{unet.get('layers_per_block', 1)}, {', '.join(unet['down_block_types'])}, "
-        f"only_cross_attention {unet.get('only_cross_attention', False)}, attention_head_dim "
-        f"{unet.get('attention_head_dim')}; **{facts['params']['unet'] / 1e6:.2f} M parameters**",
-        f"- text encoder: CLIPTextModel {tiny['text_encoder']} "
-        f"({facts['params']['text_encoder'] / 1e6:.2f} M parameters, frozen), "
-        f"{tiny.get('max_prompt_tokens', 20)} tokens",
-        f"- scheduler: {tiny.get('num_train_timesteps', 1000)} steps, "
-        f"{tiny.get('beta_schedule', 'squaredcos_cap_v2')}, prediction_type "
-        f"{tiny.get('prediction_type', 'sample')}",
-        f"- weights: {facts['export']['dtype']} safetensors, {facts['folder_mb']:.1f} MB",
-        "",
-        "## Training",
-        "",
-        f"Stage i (`rl4med.models.finetune`): {ft['max_steps']} steps of batch "
-        f"{ft['batch_size']}, AdamW lr {ft['learning_rate']} (warm-up {ft.get('warmup_steps', 0)}"
-        f" steps), prompt dropout {ft.get('prompt_dropout', 0.1)}; "
-        f"{facts['train_seconds'] / 3600:.2f} h on {facts['machine']}.",
-        f"Loss {facts['loss_first']:.4f} (first {ft.get('log_every', 10)} steps) -> "
-        f"{facts['loss_last']:.4f} (last): `loss.png`, `loss.tsv`.",
-        "",
-        "![loss](loss.png)",
-        "",
-        "## Prompt adherence (the judge)",
-        "",
-        f"A {cfg['judge']['architecture']} judge (the demo's judge settings) trained on this",
-        f"data's training split (test mean F1 {facts['judge_f1']:.3f}) read "
-        f"{cfg['check']['samples_per_prompt']} samples of each of the 32 prompts",
-        f"({cfg['check']['num_steps']} DDIM steps, guidance {cfg['check']['guidance_scale']}, "
-        "the demo's stage_i_check sampler). Per artifact: drawn when the prompt asks for it,",
-        "left out when it does not.",
-        "",
-        "| artifact | drawn when prompted (32 prompts) | left out when not (32 prompts) "
-        "| drawn (single-artifact prompts) | left out (single-artifact prompts) |",
-        "|---|---|---|---|---|",
-    ]
-    rates = {k: {r["artifact"]: r for r in v} for k, v in m["rates"].items()}
-    for a in ARTIFACTS:
-        r, s = rates[ALL][a], rates[SINGLE][a]
-        lines.append(
-            f"| {a} | {_pct(r['drawn_when_prompted'])} | {_pct(r['left_out_when_not'])} "
-            f"| {_pct(s['drawn_when_prompted'])} | {_pct(s['left_out_when_not'])} |"
-        )
-    lines += [
-        "",
-        f"APR (the paper's: the judge's 4 artifact predictions all as prompted): "
-        f"{_pct(m['apr'][ALL])} over the 32 prompts, {_pct(m['apr'][SINGLE])} over the 10",
-        f"single-artifact and no-artifact prompts; disease as prompted: "
-        f"{_pct(m['disease_correct'][ALL])}. Per prompt: `adherence.tsv`; the first "
-        f"{m['grid_per_prompt']} samples of each prompt: `samples.png`.",
-        "",
-        "## Sampling speed",
-        "",
-        f"{cfg['check']['num_steps']} DDIM steps with classifier-free guidance (eta 1) on "
-        f"{facts['machine']}: "
-        + ", ".join(f"{v:.3f} s per image in a {k}" for k, v in m["seconds_per_image"].items())
-        + ".",
-        "",
-    ]
-    fp16 = facts["export"].get("fp16_check")
-    if fp16:
-        lines += [
-            "## float16",
-            "",
-            f"The weights are saved in {facts['export']['dtype']}. Samples of the float16 weights",
-            f"(loaded as float32) against the float32 model's, same noise, {fp16['images']} "
-            f"images: mean absolute pixel difference {fp16['mean_abs_pixel_diff']:.2f} / 255 "
-            f"(max {fp16['max_abs_pixel_diff']}), the judge's 6 predictions agree on "
-            f"{_pct(fp16['judge_agreement'])}.",
-            "",
-        ]
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines))
 
 
 def pretrain(
@@ -558,7 +379,7 @@ def _write_folder(
             write_table(curve, tmp / "loss.tsv")
         else:
             shutil.copy(work / "loss.tsv", tmp / "loss.tsv")
-        loss_figure(curve, tmp / "loss.png")
+        card.loss_figure(curve, tmp / "loss.png")
         shutil.copy(work / f"measure{suffix}" / "adherence.tsv", tmp / "adherence.tsv")
         shutil.copy(work / f"measure{suffix}" / "samples.png", tmp / "samples.png")
         size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 2**20
@@ -568,10 +389,10 @@ def _write_folder(
             "name": out.name,
             "early_of": early_of,
             "measure": measure,
-            "data": data_summary(manifest),
+            "data": card.data_summary(manifest),
             "export": export,
-            "machine": _machine(device),
-            "train_seconds": training_seconds(curve),
+            "machine": card.describe_machine(device),
+            "train_seconds": card.training_seconds(curve),
             "loss_first": float(curve["loss"].iloc[0]),
             "loss_last": float(curve["loss"].iloc[-1]),
             "judge_f1": float(
@@ -591,7 +412,7 @@ def _write_folder(
             ),
             "folder_mb": size,
         }
-        write_card(tmp / "README.md", facts)
+        card.write_card(tmp / "README.md", facts)
         for f in tmp.rglob("*"):  # readable by all, like a checked-out repository file
             f.chmod(0o755 if f.is_dir() else 0o644)
         tmp.chmod(0o755)
@@ -600,7 +421,8 @@ def _write_folder(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--config", required=True, help="config/pretrain-tiny.yaml")
+    parser.add_argument("--schema", required=True, help="schemas/pretrain-tiny.schema.yaml")
     parser.add_argument("--work-dir", help="overrides pretrain.work_dir")
     parser.add_argument("--out", help="overrides pretrain.output")
     parser.add_argument("--early-out", help="overrides pretrain.early.output")
@@ -609,7 +431,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    cfg = load_config(args.config)
+    try:
+        cfg = load_config(args.config, args.schema)
+    except PretrainConfigError as err:
+        sys.exit(f"pretrain-tiny: {err}")
     work = Path(args.work_dir or cfg["pretrain"]["work_dir"])
     out = Path(args.out or cfg["pretrain"]["output"])
     t0 = time.perf_counter()

@@ -41,9 +41,49 @@ from rl4med.io import write_table
 from rl4med.models.sd import StableDiffusion
 from rl4med.models.trainable import merge_adapters, select_trainable, trainable
 from rl4med.prompts import all_prompts, check_template, prompt_from_labels
+from rl4med.settings import build, one_of
 from rl4med.tracking import make_accelerator, start_tracking
 
 log = logging.getLogger(__name__)
+
+
+NOT_IN_FINGERPRINT = ("max_steps", "checkpoint_every", "log_every")
+"""Settings a run may change and still resume: more steps, other checkpoint and log intervals."""
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """``config["finetune_sd"]`` (schemas/config.schema.yaml describes each key)."""
+
+    seed: int
+    max_steps: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    prompt_dropout: float = 0.1
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.0
+    lora_rank: int = 0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    checkpoint_every: int = 100
+    log_every: int = 10
+    # center (absent: as before the key) or none (squashed, as the authors' classifiers and
+    # metrics; their stage-i preprocessing is not published)
+    crop: str = "center"
+
+    ABSENT_MEANS = {"crop": "center"}
+    """Keys the schema leaves without a default on purpose: absent means as before the key."""
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> FinetuneSettings:
+        s = build(cls, cfg, "finetune_sd")
+        check_crop(s.crop, "finetune_sd.crop")
+        one_of("finetune_sd", "mixed_precision", s.mixed_precision, MIXED_PRECISION)
+        return s
 
 
 class PromptBank:
@@ -170,27 +210,36 @@ def finetune(
 ) -> pd.DataFrame:
     """Train ``sd.unet`` on the training split and save the whole model to ``out_dir``.
 
-    ``cfg`` is ``config["finetune_sd"]``: max_steps, batch_size (the global batch, split over
-    the processes), learning_rate, weight_decay, warmup_steps, prompt_dropout, grad_clip,
-    checkpoint_every, log_every, seed, ema_decay (0 = off), lora_rank (0 = full UNet),
-    gradient_checkpointing, mixed_precision. ``device``: CPU when None; under ``accelerate
+    ``cfg`` is ``config["finetune_sd"]`` (``FinetuneSettings``, read once here; batch_size is
+    the global batch, split over the processes; ema_decay 0 = off; lora_rank 0 = the full
+    UNet). ``device``: CPU when None; under ``accelerate
     launch`` each process takes its own GPU. ``tracking``: ``{"log_with":
     none|tensorboard|wandb, "dir": folder of this run's event files}`` or None. ``workers``:
     DataLoader worker processes decoding the images. ``prompt_template`` (config
     ``prompts.template``): the wording of the training prompts; the saved model records it, so
     DDPO and sampling later word their prompts the same way.
     """
+    s = FinetuneSettings.from_config(cfg)
     sd.prompt_template = check_template(prompt_template)
     log_with = str(tracking.get("log_with", "none")) if tracking else "none"
     folder = Path(tracking["dir"]) if tracking and log_with != "none" else None
     # the tracker writes into <logging dir>/<run name>: the run's folder itself
     accel = make_accelerator(
         device or torch.device("cpu"),
-        str(cfg.get("mixed_precision", "no")),
+        s.mixed_precision,
         log_with,
         folder and folder.parent,
     )
-    run = _setup(sd, manifest_path, checkpoint_dir, cfg, accel, workers)
+    # what determines the trained weights: the settings given (more steps or other logging may
+    # resume), the base model and the data
+    run_id = fingerprint(
+        {k: v for k, v in cfg.items() if k not in NOT_IN_FINGERPRINT},
+        sd.prompt_template,
+        sd.unet.config,
+        weights_signature(sd.unet),
+        file_digest(manifest_path),
+    )
+    run = _setup(sd, manifest_path, checkpoint_dir, s, accel, workers, run_id)
     start, history = _resume(run)
     # DDP wrapper when several processes train: gradients are averaged across them
     run.unet, run.opt = accel.prepare(run.unet, run.opt)
@@ -231,7 +280,7 @@ class _Run:
     ema: EMAModel | None
     bank: PromptBank
     data: ManifestImages
-    cfg: Mapping[str, Any]
+    s: FinetuneSettings
     accel: Accelerator
     checkpoint_dir: Path
     run_id: str
@@ -242,12 +291,13 @@ def _setup(
     sd: StableDiffusion,
     manifest_path: str | Path,
     checkpoint_dir: str | Path,
-    cfg: Mapping[str, Any],
+    s: FinetuneSettings,
     accel: Accelerator,
     workers: int,
+    run_id: str,
 ) -> _Run:
-    """Model on the device, trained parameters, optimizer, schedule, EMA, data, run id."""
-    bs = int(cfg["batch_size"])
+    """Model on the device, trained parameters, optimizer, schedule, EMA and data."""
+    bs = s.batch_size
     if bs % accel.num_processes:
         raise ValueError(
             f"finetune_sd.batch_size {bs} must be divisible by the {accel.num_processes} "
@@ -262,33 +312,23 @@ def _setup(
     sd.freeze_frozen_parts()
     unet = sd.unet
     unet.train()
-    # what determines the trained weights: settings (more steps or other logging may resume),
-    # the base model and the data
-    run_id = fingerprint(
-        {k: v for k, v in cfg.items() if k not in ("max_steps", "checkpoint_every", "log_every")},
-        sd.prompt_template,
-        unet.config,
-        weights_signature(unet),
-        file_digest(manifest_path),
-    )
-    lora_rank = int(cfg.get("lora_rank", 0))
+    lora_rank = s.lora_rank
     # the full UNet, or low-rank adapters of the attention projections
     select_trainable(unet, "lora" if lora_rank > 0 else "full", lora_rank)
-    if cfg.get("gradient_checkpointing", False):
+    if s.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(
         trainable(unet),
-        lr=float(cfg["learning_rate"]),
-        weight_decay=float(cfg.get("weight_decay", 1e-2)),
+        lr=s.learning_rate,
+        weight_decay=s.weight_decay,
     )
-    warmup = int(cfg.get("warmup_steps", 0))
+    warmup = s.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
-    ema_decay = float(cfg.get("ema_decay", 0.0))
+    ema_decay = s.ema_decay
     ema = EMAModel(trainable(unet), decay=ema_decay) if ema_decay > 0 else None
     # finetune_sd.crop: center (when absent, as before the key) or none (squashed, as the
     # authors' classifiers and metrics; their stage-i preprocessing is not published)
-    crop = check_crop(str(cfg.get("crop", "center")), "finetune_sd.crop")
-    data = ManifestImages(train, sd.image_size, crop)
+    data = ManifestImages(train, sd.image_size, s.crop)
     return _Run(
         sd,
         unet,
@@ -297,7 +337,7 @@ def _setup(
         ema,
         PromptBank(sd),
         data,
-        cfg,
+        s,
         accel,
         Path(checkpoint_dir),
         run_id,
@@ -307,7 +347,7 @@ def _setup(
 
 def _resume(run: _Run) -> tuple[int, list[dict[str, float]]]:
     """Load the last checkpoint of this run, if any: (first step to train, logged history)."""
-    max_steps = int(run.cfg["max_steps"])
+    max_steps = run.s.max_steps
     ckpt = load_latest_checkpoint(run.checkpoint_dir, run.run_id)
     if ckpt is not None and ckpt.step > max_steps:
         log.warning(
@@ -332,12 +372,11 @@ def _resume(run: _Run) -> tuple[int, list[dict[str, float]]]:
 def _train(run: _Run, start: int, history: list[dict[str, float]]) -> list[dict[str, float]]:
     """Steps ``start`` .. max_steps: each process its slice of the global batch; DDP averages
     the gradients, so the update is the global batch's."""
-    cfg, accel, sd, unet = run.cfg, run.accel, run.sd, run.unet
-    seed, max_steps, bs = int(cfg["seed"]), int(cfg["max_steps"]), int(cfg["batch_size"])
+    s, accel, sd, unet = run.s, run.accel, run.sd, run.unet
+    seed, max_steps, bs = s.seed, s.max_steps, s.batch_size
     local = bs // accel.num_processes
     mine = slice(accel.process_index * local, (accel.process_index + 1) * local)
-    dropout = float(cfg.get("prompt_dropout", 0.1))
-    every, log_every = int(cfg.get("checkpoint_every", 100)), int(cfg.get("log_every", 10))
+    dropout, every, log_every = s.prompt_dropout, s.checkpoint_every, s.log_every
     running, t0 = [], time.perf_counter()
     batches = _local_batches(run.data, seed, bs, start, accel, run.workers)
     bar = tqdm(
@@ -360,8 +399,8 @@ def _train(run: _Run, start: int, history: list[dict[str, float]]) -> list[dict[
         with accel.autocast():
             loss = diffusion_loss(unet, sd.scheduler, latents, embeddings, noise[mine], t[mine])
         accel.backward(loss)
-        if cfg.get("grad_clip"):
-            accel.clip_grad_norm_(trainable(unet), float(cfg["grad_clip"]))
+        if s.grad_clip:
+            accel.clip_grad_norm_(trainable(unet), s.grad_clip)
         run.opt.step()
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)

@@ -12,11 +12,12 @@ import torch
 from tqdm import tqdm
 
 from rl4med.attributes import ARTIFACTS, ATTRIBUTES, DISEASES
+from rl4med.classifiers.metrics import exact_match
 from rl4med.data.images import loader_batches, manifest_loader, to_float
 from rl4med.data.manifest import read_manifest
 from rl4med.ddpo.reward import prediction_matches
 from rl4med.evaluation.apr import apr_indicators
-from rl4med.models.classifier import AttributeClassifier, exact_match
+from rl4med.models.classifier import AttributeClassifier
 from rl4med.models.sd import StableDiffusion
 from rl4med.prompts import Prompt
 from rl4med.sampling import sample_images
