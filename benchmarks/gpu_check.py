@@ -508,6 +508,71 @@ def ddpo_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
     return float(row["sample_seconds"] + row["reward_seconds"] + row["update_seconds"]) / n
 
 
+def methods_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
+    """One iteration of each update rule (``ddpo.method``: ddpo, awm, draft) with the reward
+    classifier's own architecture (the authors' EfficientNet-B0 at the model's size, random
+    weights: its time is the point, not its verdicts); returns DDPO's seconds per trajectory."""
+    import torch
+
+    from rl4med.ddpo.reward import AttributeReward
+    from rl4med.ddpo.train import ddpo_train
+    from rl4med.models.classifier import AttributeClassifier, ClassifierSpec, create_backbone
+    from rl4med.prompts import all_prompts
+
+    spec = ClassifierSpec("torchvision/efficientnet_b0", plan.size, [0.5] * 6)
+    classifier = AttributeClassifier(spec, create_backbone(spec.architecture)).to(plan.device)
+    base = {
+        **paper_config()["ddpo"],
+        "max_iterations": 1,
+        "samples_per_prompt": 1,
+        "num_steps": plan.steps,
+        "mixed_precision": "fp16" if plan.cuda else "bf16",
+        "sample_batch_size": plan.sample_batch,
+        "batch_size": plan.train_batch,
+        "rows_per_step": plan.trajectories,
+        "trainable": "lora",
+        "lora_rank": 4,
+    }
+    state = {k: v.detach().clone() for k, v in sd.unet.state_dict().items()}
+    seconds = {}
+    for method in ("ddpo", "awm", "draft"):
+        cfg = {**base, "method": method}
+        section = (
+            f"Update rules: one iteration of {method} (EfficientNet-B0 reward, random weights)"
+        )
+        sd.unet.load_state_dict(state)  # each rule from the same weights
+        sd.to(plan.device, torch.float32)
+        fresh_accelerator()
+        reset_peak()
+        d = work / f"method-{method}"
+        curve = ddpo_train(
+            sd,
+            AttributeReward(classifier),
+            all_prompts()[: plan.trajectories],
+            cfg,
+            d / "model",
+            d / "log.tsv",
+            d / "checkpoints",
+            device=plan.device,
+        )
+        row, n = curve.iloc[0], plan.trajectories
+        for part in ("sample", "reward", "update"):
+            report.add(
+                section,
+                f"{part} seconds per trajectory",
+                row[f"{part}_seconds"] / n,
+                "s",
+                "measured",
+            )
+        seconds[method] = (
+            float(row["sample_seconds"] + row["reward_seconds"] + row["update_seconds"]) / n
+        )
+        report.add(section, "seconds per trajectory, all parts", seconds[method], "s", "measured")
+        report.add(section, "reward queries", float(row["reward_queries"]), "", "measured")
+        peak(report, section, plan)
+    return seconds["ddpo"]
+
+
 def stage_i_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
     """A few stage-i steps with the paper's finetune_sd settings; returns seconds per step."""
     from rl4med.data.synthetic import generate_dataset
@@ -689,7 +754,12 @@ def sd15_part(
     report.add(section, "build seconds (random init on the CPU)", t, "s", "measured")
     measured: dict[str, float] = {}
     samples = work / "samples"
-    parts = (("generate", generation_part), ("ddpo", ddpo_part), ("stage_i", stage_i_part))
+    parts = (
+        ("generate", generation_part),
+        ("ddpo", ddpo_part),
+        ("methods", methods_part),
+        ("stage_i", stage_i_part),
+    )
     if speed_only:
         parts = (("speed", speed_part),)
     for name, run in parts:

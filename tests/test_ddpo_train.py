@@ -426,7 +426,7 @@ def test_settings_name_the_bad_key():
     assert {k: v["default"] for k, v in keys.items() if "default" in v} == {
         k: v for k, v in defaults.items() if v is not dataclasses.MISSING and k not in OPTIONAL
     }
-    assert all(defaults[k] == 0 and "default" not in keys[k] for k in OPTIONAL)
+    assert all(defaults[k] == OPTIONAL[k] and "default" not in keys[k] for k in OPTIONAL)
 
 
 def _scalars(folder):

@@ -136,7 +136,13 @@ def test_stage_i_in_two_processes_trains_the_one_process_model(inputs, tmp_path,
     assert len(list((tmp_path / "tracking" / "finetune_sd").glob("events.out.tfevents.*"))) == 1
 
 
-def test_ddpo_in_two_processes_samples_as_one_and_keeps_the_ranks_equal(inputs, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["ddpo", "awm", "draft"])
+def test_ddpo_in_two_processes_samples_as_one_and_keeps_the_ranks_equal(
+    inputs, tmp_path, capsys, method
+):
+    """Every update rule (ddpo.method): the same rollout on 1 and 2 processes, as many
+    optimizer steps, and equal weights on both ranks."""
+
     def args(out, threads):
         return {
             "sd": str(inputs / "sd_base"),
@@ -144,7 +150,7 @@ def test_ddpo_in_two_processes_samples_as_one_and_keeps_the_ranks_equal(inputs, 
             "model": str(out / "model"),
             "log_tsv": str(out / "iterations.tsv"),
             "checkpoints": str(out / "ckpt"),
-            "cfg": DDPO,
+            "cfg": {**DDPO, "method": method},
             "threads": threads,
             "tracking": None,
             **COMMON,

@@ -54,7 +54,14 @@ def test_cpu_path_report(tmp_path):
         "sample seconds per trajectory",
         "update seconds per trajectory",
         "seconds per step (step 2)",
+        "seconds per trajectory, all parts",  # each update rule's iteration
     ]
+    methods = rows[rows["section"].str.startswith("Update rules")]
+    assert {s.split(" of ")[1].split(" ")[0] for s in methods["section"]} == {
+        "ddpo",
+        "awm",
+        "draft",
+    }
     assert all(e in items for e in expected), sorted(set(expected) - set(items))
     hours = rows[rows["section"].str.startswith("GPU-hours")]
     rules = [i.split(":")[0] for i in hours["item"]]

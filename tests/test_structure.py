@@ -98,7 +98,7 @@ def _settings_classes():
     return [
         (FinetuneSettings, props["finetune_sd"], getattr(FinetuneSettings, "ABSENT_MEANS", {})),
         (ClassifierSettings, SCHEMA["$defs"]["classifier"], ClassifierSettings.ABSENT_MEANS),
-        (Settings, props["ddpo"], dict.fromkeys(OPTIONAL, 0)),
+        (Settings, props["ddpo"], OPTIONAL),
     ]
 
 

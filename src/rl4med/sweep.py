@@ -28,6 +28,12 @@ SWEEPABLE = (
     "adv_clip_max",
     "batch_size",
     "warmup_iterations",
+    # stage ii's update rule and its keys: a sweep over them compares the methods on the same
+    # stage i, reward, seeds and evaluation
+    "method",
+    "awm_timesteps",
+    "draft_k",
+    "draft_lv",
 )
 BASELINE = "baseline"
 

@@ -1,6 +1,7 @@
 """The attribute reward r_A (paper 2.2): share of the 6 attributes the classifier gets as prompted.
 
-Any callable ``(images uint8 (B, H, W, 3), prompts) -> RewardOutput`` can replace it.
+Any callable ``(images uint8 (B, H, W, 3), prompts) -> RewardOutput`` can replace it. DRaFT-K
+(``ddpo.method: draft``) needs a differentiable reward: ``AttributeReward.soft``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from rl4med.attributes import ATTRIBUTES
 from rl4med.models.classifier import AttributeClassifier, ClassifierError
@@ -56,3 +58,18 @@ class AttributeReward:
         want = np.array([to_prompt(p).labels for p in prompts])
         matches = prediction_matches(self.classifier.predict(images), want)
         return RewardOutput(reward=matches.mean(axis=1), matches=matches)
+
+    def soft(self, images: torch.Tensor, prompts: Sequence[str | Prompt]) -> torch.Tensor:
+        """A differentiable r_A (B,) of float images in [-1, 1] (B, 3, H, W): per head the
+        probability that it reads the attribute as prompted (sigmoid p where the prompt has it,
+        1 - p where not), averaged over the heads. It is r_A's expectation if each head
+        answered at random with its probability, where r_A thresholds them; the classifier's
+        weights are not trained (only the images carry gradients)."""
+        self.classifier.eval()
+        want = torch.tensor(
+            [to_prompt(p).labels for p in prompts], dtype=torch.float32, device=images.device
+        )
+        probs = torch.sigmoid(self.classifier(images).float())
+        columns = getattr(self.classifier, "columns", list(range(len(ATTRIBUTES))))
+        want = want[:, columns]
+        return (want * probs + (1 - want) * (1 - probs)).mean(dim=1)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from rl4med.runtime import native_bf16
-from rl4med.settings import AUTO, build
+from rl4med.settings import AUTO, build, one_of
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,11 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # settings that change memory use or speed but not the trajectories or updates (beyond rounding):
 # a run killed for memory may resume with a smaller sample_batch_size
 NOT_IN_FINGERPRINT = ("max_iterations", "sample_batch_size", "gradient_checkpointing")
-# schema keys without a schema default (a default would change every existing run's params):
-# 0 in the code means not set
-OPTIONAL = ("rows_per_step",)
+# schema keys without a schema default (a default would change every existing run's params),
+# with what their absence means; at that value a key stays out of the run's fingerprint, so a
+# run from before it resumes as it was
+OPTIONAL = {"rows_per_step": 0, "method": "ddpo", "awm_timesteps": 6, "draft_k": 1, "draft_lv": 0}
+METHODS = ("ddpo", "awm", "draft")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,11 @@ class Settings:
     # trajectories per optimizer step over all processes (0: not set, and
     # gradient_accumulation_steps counts per process, ddpo-pytorch's meaning)
     rows_per_step: int = 0
+    # the update rule (ddpo | awm | draft) and its keys
+    method: str = "ddpo"
+    awm_timesteps: int = 6
+    draft_k: int = 1
+    draft_lv: int = 0
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     trainable: str = "full"
@@ -81,6 +88,16 @@ class Settings:
         for key in ("sample_batch_size", "batch_size", "gradient_accumulation_steps"):
             if getattr(settings, key) != AUTO and getattr(settings, key) < 1:
                 raise ValueError(f"ddpo.{key} {getattr(settings, key)}: must be >= 1")
+        one_of("ddpo", "method", settings.method, METHODS)
+        if settings.draft_k > settings.num_steps:
+            raise ValueError(
+                f"ddpo.draft_k {settings.draft_k}: more than the chain's {settings.num_steps} steps"
+            )
+        if settings.draft_lv and settings.draft_k != 1:
+            raise ValueError(
+                f"ddpo.draft_lv {settings.draft_lv} needs draft_k 1 (DRaFT-LV noises the final "
+                f"latent again to the last step's level), not {settings.draft_k}"
+            )
         if settings.rows_per_step < 0:
             raise ValueError(f"ddpo.rows_per_step {settings.rows_per_step}: must be >= 1")
         if settings.rows_per_step and settings.gradient_accumulation_steps != 1:

@@ -43,3 +43,4 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     warned_clip: bool = False
     accumulation: int = 1  # micro-batches per optimizer step on each process
+    reward: Any = None  # the reward function (DRaFT differentiates its ``soft`` form)

@@ -53,11 +53,14 @@ from rl4med.checkpoint import (
     save_checkpoint,
     weights_signature,
 )
+from rl4med.ddpo.awm import awm_update
+from rl4med.ddpo.draft import check_reward, draft_update
 from rl4med.ddpo.reward import RewardFn
 from rl4med.ddpo.rollout import gather_rows, iteration_generator, process_rows, sample_and_score
 from rl4med.ddpo.settings import (
     HALF,
     NOT_IN_FINGERPRINT,
+    OPTIONAL,
     Settings,
     accumulation_steps,
     check_continuation,
@@ -99,12 +102,18 @@ LOG_COLUMNS = (
     "ratio_deviation",
     "loss",
     "optimizer_steps",
+    "reward_queries",
     "lr",
     "seconds",
     "sample_seconds",
     "reward_seconds",
     "update_seconds",
 )
+
+
+UPDATES = {"ddpo": ppo_update, "awm": awm_update, "draft": draft_update}
+"""Stage ii's update rules (``ddpo.method``), each ``(run, trajectories, advantages, gen) ->
+stats``: the rollout, the reward and the advantages are shared."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -153,7 +162,10 @@ def ddpo_train(
     s = resolve_precision(Settings.from_config(cfg), device)
     check_continuation(s, str(init_lora or ""), start_iteration)
     start = Continuation(str(init_lora or ""), start_iteration)
+    if s.method == "draft":
+        check_reward(reward_fn)
     run = _setup(sd, prompts, s, device, tracking, speed or SamplingSpeed(), start)
+    run.reward = reward_fn
     iteration, reason = _resume(run, checkpoint_dir, start)
     bar = tqdm(
         total=s.max_iterations,
@@ -216,8 +228,9 @@ def _setup(
     unet = sd.unet
     texts = sd.prompt_texts(prompts)  # the stage-i model's template
     settings = {k: v for k, v in asdict(s).items() if k not in NOT_IN_FINGERPRINT}
-    if not s.rows_per_step:  # unset: runs from before the key resume as they were
-        settings.pop("rows_per_step")
+    for key, absent in OPTIONAL.items():  # unset: runs from before the key resume as they were
+        if settings[key] == absent:
+            settings.pop(key)
     # the start LoRA counts by its content (its file's digest), not by its path
     settings["start_iteration"] = start.iteration
     start_lora = read_attn_lora(start.lora) if start.lora else None
@@ -350,7 +363,7 @@ def _iteration(run: Run, reward_fn: RewardFn, iteration: int) -> dict[str, Any] 
     advantages = clipped_advantages(run.tracker, slugs, reward, s.adv_clip_max)
     adv = torch.tensor(advantages[local.numpy()], dtype=torch.float32)
     t2 = time.perf_counter()
-    stats = ppo_update(run, traj, adv, gen)
+    stats = UPDATES[s.method](run, traj, adv, gen)
     times = {
         "seconds": round(time.perf_counter() - t0, 2),
         # where an iteration's time goes (benchmarks/ddpo_iteration.py, gpu_check.py); to the
@@ -403,6 +416,9 @@ def _record(
         "ratio_deviation": stats["ratio"],
         "loss": stats["loss"],
         "optimizer_steps": stats["optimizer_steps"],
+        # images scored by the reward this iteration: the rollout's, and DRaFT's differentiated
+        # ones (each chain once per inner epoch, n + 1 times with DRaFT-LV)
+        "reward_queries": len(reward) * (1 + _update_queries(run.s)),
         "lr": run.opt.param_groups[0]["lr"],
         **times,
         **{f"match_{a}": float(m) for a, m in zip(ATTRIBUTES, matches.mean(0), strict=True)},
@@ -420,6 +436,11 @@ def _record(
         row["ratio_deviation"],
     )
     return row
+
+
+def _update_queries(s: Settings) -> int:
+    """Reward queries of the update per rollout chain: DRaFT scores each chain again."""
+    return s.inner_epochs * (1 + s.draft_lv) if s.method == "draft" else 0
 
 
 def _save(run: Run, checkpoint_dir: str | Path, iteration: int, reason: str | None) -> None:

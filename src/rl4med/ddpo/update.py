@@ -8,7 +8,9 @@ the reward and the advantages.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 
@@ -62,20 +64,48 @@ def ppo_update(
     run.unet.train()
     sums = torch.zeros(3, dtype=torch.float64, device=accel.device)
     deviation, count, updates = None, 0, 0
+    for group in optimizer_groups(run, len(traj.prompt_index), gen):
+        first = _optimizer_step(run, traj, group, adv, steps, sums)
+        deviation = first if deviation is None else deviation
+        count += len(steps) * len(group)
+        updates += 1
+    stats = finish_update(run, sums, count, ("loss", "approx_kl", "clipfrac"))
+    worst = float(accel.gather(deviation.reshape(1).float()).max())
+    return {**stats, "ratio": worst, "optimizer_steps": updates}
+
+
+def optimizer_groups(
+    run: Run, n_rows: int, gen: torch.Generator
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """This process's rows, ``inner_epochs`` times in an order drawn from ``gen``, cut into
+    optimizer steps of ``run.accumulation`` micro-batches of ``batch_size`` rows: the shape of
+    every update rule's loop."""
+    s = run.s
     per_step = s.batch_size * run.accumulation  # this process's rows of one optimizer step
     for _ in range(s.inner_epochs):
-        order = torch.randperm(len(traj.prompt_index), generator=gen)
-        for start in range(0, len(order), per_step):
-            group = order[start : start + per_step].split(s.batch_size)
-            first = _optimizer_step(run, traj, group, adv, steps, sums)
-            deviation = first if deviation is None else deviation
-            count += len(steps) * len(group)
-            updates += 1
+        order = torch.randperm(n_rows, generator=gen)
+        for start in range(0, n_rows, per_step):
+            yield order[start : start + per_step].split(s.batch_size)
+
+
+def sync(run: Run, last: bool) -> AbstractContextManager[Any]:
+    """Gradients all-reduced over processes only with a step's last backward."""
+    return nullcontext() if last else run.accel.no_sync(run.model)
+
+
+def step_optimizer(run: Run) -> None:
+    """Clip the trained tensors' gradient norm to ``max_grad_norm`` and step."""
+    run.accel.clip_grad_norm_(trainable(run.unet), run.s.max_grad_norm)
+    run.opt.step()
+
+
+def finish_update(
+    run: Run, sums: torch.Tensor, count: int, names: tuple[str, ...]
+) -> dict[str, float]:
+    """The iteration's learning-rate step, and ``sums / count`` averaged over processes."""
     run.lr_sched.step()
-    means = accel.reduce(sums / count, reduction="mean").tolist()
-    worst = float(accel.gather(deviation.reshape(1).float()).max())
-    stats = dict(zip(("loss", "approx_kl", "clipfrac"), means, strict=True))
-    return {**stats, "ratio": worst, "optimizer_steps": updates}
+    means = run.accel.reduce(sums / max(count, 1), reduction="mean").tolist()
+    return dict(zip(names, means, strict=True))
 
 
 def _optimizer_step(
@@ -100,8 +130,7 @@ def _optimizer_step(
     for m, rows in enumerate(group):
         args = (run.sched, traj, rows)
         for n, j in enumerate(steps):
-            sync = nullcontext() if (m, n) == last else accel.no_sync(run.model)
-            with sync:
+            with sync(run, (m, n) == last):
                 with accel.autocast():  # the sampling's autocast
                     logp = step_log_probs(run.model, *args, j, *cond)
                     old = traj.log_probs[rows, j].to(dev)
@@ -115,6 +144,5 @@ def _optimizer_step(
                 ratio = (logp.detach() - old).exp().sub(1).abs().max()
                 deviation = torch.maximum(deviation, ratio)
             sums += torch.stack([loss.detach(), kl, cf]).double()
-    accel.clip_grad_norm_(trainable(run.unet), s.max_grad_norm)
-    run.opt.step()
+    step_optimizer(run)
     return deviation
