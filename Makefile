@@ -12,13 +12,14 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup demo sweep showcase pretrain-tiny test bench gpu-check dryrun lint clean
+.PHONY: help setup demo sweep showcase methods pretrain-tiny test bench gpu-check dryrun lint clean
 
 help:
 	@echo "make demo    install into $(VENV) and run the embedded demo to results/report.html"
 	@echo "make test    install into $(VENV) and run every test (includes a micro end-to-end run)"
 	@echo "make sweep   the demo plus a 2-setting DDPO sweep (config/sweep.yaml), about 15 minutes more"
 	@echo "make showcase  the CPU showcase (config/cpu-showcase.yaml, <= 90 min) -> docs/results/cpu-showcase.md"
+	@echo "make methods  DDPO, AWM and DRaFT-K at equal reward queries on the showcase (<= 2 h) -> docs/results/cpu-methods.md"
 	@echo "make pretrain-tiny  pre-train the tiny SD -> resources/tiny-sd-derm64 and -step750 (resumable; about 35 min on 2 idle CPU cores)"
 	@echo "make bench   CPU benchmarks (ratios against bare baselines) -> benchmarks/results.md"
 	@echo "make gpu-check  the GPU check (SD v1.5 speed, DDPO, GPU-hours, workflow devices) -> docs/results/gpu-check.md; no CUDA: results/gpu-check/"
@@ -90,6 +91,21 @@ showcase: setup
 		--wall-seconds $$(cat $(SHOWCASE)/wall_seconds) --tuning docs/results/cpu-showcase-tuning.tsv \
 		--labels docs/results/labels-by-eye.tsv
 	@echo "showcase: docs/results/cpu-showcase.md, report: $(SHOWCASE)/results/report.html"
+
+# stage ii's update rules compared at equal reward queries (issue 34): DDPO, AWM and DRaFT-K on
+# the showcase's settings (config/cpu-methods.yaml), in their own folder (methods/), then
+# docs/results/cpu-methods.md and cpu-methods-summary.tsv written from that run's outputs
+METHODS ?= methods
+METHODS_CONFIGS := $(abspath config/cpu-showcase.yaml) $(abspath config/cpu-methods.yaml)
+methods: setup
+	@mkdir -p $(METHODS)
+	start=$$(date +%s); \
+	snakemake results/methods/table.tsv --cores $(CORES) -s $(abspath Snakefile) \
+		--directory $(METHODS) --configfile $(METHODS_CONFIGS); \
+	echo $$(( $$(date +%s) - start )) > $(METHODS)/wall_seconds
+	$(BIN)/python -m rl4med.showcase.methods --run-dir $(METHODS) --out-dir docs/results \
+		--wall-seconds $$(cat $(METHODS)/wall_seconds)
+	@echo "methods: docs/results/cpu-methods.md"
 
 # the pretrained tiny SD that the demo's stage i fine-tunes (config/pretrain-tiny.yaml), with its
 # model card: data -> stage i -> judge -> float16 export -> measurements -> resources/tiny-sd-derm64

@@ -24,6 +24,7 @@ include: "rules/ddpo.smk"
 include: "rules/evaluation.smk"
 include: "rules/report.smk"
 include: "rules/sweep.smk"
+include: "rules/methods.smk"
 
 
 rule all:

@@ -37,6 +37,7 @@ validate_config(config)
 
 from rl4med.evaluation.judges import check_panel
 from rl4med.prompts import all_slugs
+from rl4med.methods import method_arms
 from rl4med.sweep import BASELINE, expand_grid
 
 PROMPT_SLUGS = all_slugs()
@@ -184,7 +185,37 @@ if set(SWEEP_SLUGS) - set(EVAL_SLUGS):
         f"(evaluation.prompts); not: {sorted(set(SWEEP_SLUGS) - set(EVAL_SLUGS))}"
     )
 MODEL_DIRS.update({f"sweep-{name}": f"results/sweep/{name}/model" for name in SWEEP_SETTINGS})
+
+# Stage ii's update rules compared at equal reward queries (optional, config["methods"]; make
+# methods): one ddpo_method job per (run, budget), each resuming the same run's previous budget,
+# each model evaluated on every evaluation prompt against the stage-i model on the same noise
+METHODS = config.get("methods") or {}
+try:
+    # DDPO trains on all 32 prompts
+    METHOD_ARMS = method_arms(METHODS, config["ddpo"], len(PROMPT_SLUGS)) if METHODS else {}
+except (ValueError, KeyError) as err:
+    raise WorkflowError(f"Invalid config at key 'methods': {err}") from None
+METHOD_FINAL = {arm["run"]: name for name, arm in METHOD_ARMS.items() if arm["budget"] == 1.0}
+MODEL_DIRS.update(
+    {name: f"results/methods/{name.removeprefix('methods-')}/model" for name in METHOD_ARMS}
+)
+METHOD_GRID_PROMPTS = (METHODS.get("grid_prompts") or EVAL_SLUGS[:4]) if METHODS else []
+if set(METHOD_GRID_PROMPTS) - set(EVAL_SLUGS):
+    raise WorkflowError(
+        "Invalid config at key 'methods.grid_prompts': every grid prompt must be evaluated too "
+        f"(evaluation.prompts); not: {sorted(set(METHOD_GRID_PROMPTS) - set(EVAL_SLUGS))}"
+    )
 METRIC_MODELS = [*MODEL_DIRS, *([f"sweep-{BASELINE}"] if SWEEP else [])]
+
+
+def generate_cfg(wildcards):
+    """A generate job's sampling keys: the evaluation's, with fewer samples per prompt for a
+    methods model below its full budget (methods.samples_per_prompt)."""
+    cfg = {**{k: config["evaluation"][k] for k in GENERATE_KEYS}, **SAMPLE_FORMAT_KEY}
+    arm = METHOD_ARMS.get(wildcards.model)
+    if arm and arm["budget"] < 1 and METHODS.get("samples_per_prompt"):
+        cfg["samples_per_prompt"] = min(cfg["samples_per_prompt"], METHODS["samples_per_prompt"])
+    return cfg
 
 
 def sample_dirs(wildcards, model=None):
@@ -247,4 +278,5 @@ def all_targets():
         *(["results/figures/ddpo_reward.png"] if RUN_DDPO else []),
         "results/report/summary.html",
         *(["results/sweep/table.tsv"] if SWEEP else []),
+        *(["results/methods/table.tsv"] if METHODS else []),
     ]

@@ -20,7 +20,7 @@ rule generate:
     params:
         # only the keys a sampling job uses: another evaluation key (the judges) reruns none;
         # the storage (png | jpeg75) where the config sets it
-        cfg={**{k: config["evaluation"][k] for k in GENERATE_KEYS}, **SAMPLE_FORMAT_KEY},
+        cfg=generate_cfg,
         device=config["sd"]["device"],
         dtype=config["sd"]["dtype"],
         **SPEED_PARAMS,

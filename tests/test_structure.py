@@ -16,7 +16,7 @@ MAX_LINES = 500
 
 # Floors from the leaves up: a room may import its own floor's rooms or lower ones, never higher.
 LAYERS = (
-    ("attributes", "io", "runtime", "settings", "config", "sweep", "hpc", "tracking"),
+    ("attributes", "io", "runtime", "settings", "config", "sweep", "methods", "hpc", "tracking"),
     ("prompts", "checkpoint", "figures", "weights", "data"),
     ("models",),  # model definitions and their save/load
     ("speed", "sampling", "published"),  # using models: sampling, importing the authors' weights

@@ -314,6 +314,11 @@ def _resume(run: Run, checkpoint_dir: str | Path, start: Continuation) -> tuple[
                 start.iteration,
             )
         return start.iteration, None
+    if ckpt.step > run.s.max_iterations:
+        raise CheckpointMismatchError(  # e.g. a methods budget rerun after a later one
+            f"{checkpoint_dir}/step_{ckpt.step:08d} is past max_iterations {run.s.max_iterations}"
+            f" (that model is no longer kept); delete {checkpoint_dir} to train it again"
+        )
     names = trainable_state(run.unet)
     if set(ckpt.model) != set(names):
         missing, extra = sorted(set(names) - set(ckpt.model)), sorted(set(ckpt.model) - set(names))
