@@ -62,6 +62,15 @@ except ValueError as err:
     raise WorkflowError(f"Invalid config: {err}") from None
 JUDGES = list(PANEL)
 CLASSIFIERS = ["reward", *JUDGES]
+# a held-out judge that watches stage ii (ddpo.stop_judge): trained as the others, never a judge
+# of the panel (the evaluation would then grade what stopped the training)
+STOP_JUDGE = config["ddpo"].get("stop_judge")
+if STOP_JUDGE and (STOP_JUDGE not in config["classifier"] or STOP_JUDGE in CLASSIFIERS):
+    raise WorkflowError(
+        f"Invalid config at key 'ddpo.stop_judge': {STOP_JUDGE!r} must be a key of classifier "
+        f"that is neither the reward nor a judge of evaluation.judges ({', '.join(JUDGES)})"
+    )
+STOP_JUDGE_INPUT = {"stop_judge": f"results/models/classifier_{STOP_JUDGE}"} if STOP_JUDGE else {}
 
 
 # real images as the stage-i sampler draws them: the training set of judges with

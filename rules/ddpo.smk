@@ -8,6 +8,7 @@ if RUN_DDPO:
         input:
             sd="results/models/sd",
             reward="results/models/classifier_reward",
+            **STOP_JUDGE_INPUT,
         output:
             model=directory("results/models/sd_rl"),
             log_tsv=report(

@@ -9,6 +9,7 @@ if METHODS:
         input:
             sd="results/models/sd",
             reward="results/models/classifier_reward",
+            **STOP_JUDGE_INPUT,
             # the same run's previous budget: this job resumes its checkpoints
             previous=lambda wc: (
                 [f"results/methods/{METHOD_ARMS[f'methods-{wc.arm}']['previous'].removeprefix('methods-')}/iterations.tsv"]

@@ -117,7 +117,10 @@ if not PUBLISHED:
 
 # the classifiers trained here: the reward and every judge, or with the authors' published
 # weights only the judges beyond their H4 (rules/published.smk imports H6 and H4)
-TRAINED_CLASSIFIERS = [c for c in CLASSIFIERS if not (PUBLISHED and c in ("reward", "judge"))]
+TRAINED_CLASSIFIERS = [
+    c for c in [*CLASSIFIERS, *([STOP_JUDGE] if STOP_JUDGE else [])]
+    if not (PUBLISHED and c in ("reward", "judge"))
+]
 
 if TRAINED_CLASSIFIERS:
 

@@ -8,6 +8,7 @@ if SWEEP:
         input:
             sd="results/models/sd",
             reward="results/models/classifier_reward",
+            **STOP_JUDGE_INPUT,
         output:
             model=directory("results/sweep/{setting}/model"),
             log_tsv="results/sweep/{setting}/iterations.tsv",

@@ -19,6 +19,8 @@ def main() -> None:
     args = {
         "sd": str(smk.input.sd),
         "reward": str(smk.input.reward),
+        # the held-out judge that watches training (ddpo.stop_judge), if any
+        "watch": str(smk.input.get("stop_judge", "")),
         "model": str(smk.output.model),
         "log_tsv": str(smk.output.log_tsv),
         "checkpoints": str(smk.params.checkpoints),

@@ -7,11 +7,14 @@ import pandas as pd
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from test_methods import BASE, METHODS, PROMPTS, _run
+from test_methods import BASE, METHODS, PROMPTS, TINY, _reward, _run
 
-from rl4med.ddpo.train import CheckpointMismatchError
+from rl4med.ddpo.reward import RewardOutput
+from rl4med.ddpo.settings import Settings
+from rl4med.ddpo.train import CheckpointMismatchError, ddpo_train
 from rl4med.evaluation.methods import COLUMNS, PANEL_MIN, methods_table, quality_table
 from rl4med.methods import method_arms, queries_per_chain, unet_forwards_per_chain
+from rl4med.models.sd import build_tiny_sd
 
 SHOWCASE = {**BASE, "max_iterations": 36, "samples_per_prompt": 4, "num_steps": 10}
 RUNS = {"ddpo": {"method": "ddpo"}, "awm": {"method": "awm"}, "draft": {"method": "draft"}}
@@ -171,3 +174,50 @@ def test_quality_table_gives_lpips_against_ddpo_with_an_interval():
     assert q.loc["awm", "LPIPS_minus_ref"] == pytest.approx(-0.05)
     assert q.loc["awm", "ci_low"] == pytest.approx(-0.1) and q.loc["awm", "ci_high"] <= 0
     assert q.loc["ddpo", "LPIPS_minus_ref"] == 0
+
+
+class FallingJudge:
+    """A held-out judge whose r_A falls after the first iteration (3 chunks of chains each)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images, prompts):
+        iteration = self.calls // 3
+        self.calls += 1
+        value = 0.9 if iteration == 0 else 0.8 - 0.01 * iteration
+        return RewardOutput(np.full(len(prompts), value), np.ones((len(prompts), 6)))
+
+
+def test_a_held_out_judge_stops_training_once_it_stops_rising(tmp_path):
+    cfg = {**BASE, **METHODS["draft"], "max_iterations": 10}
+    cfg.update(stop_judge="watcher", stop_judge_patience=2)
+    sd = build_tiny_sd(TINY, 32)
+    ddpo_train(
+        sd,
+        _reward(),
+        PROMPTS,
+        cfg,
+        tmp_path / "m",
+        tmp_path / "log.tsv",
+        tmp_path / "c",
+        watch=FallingJudge(),
+    )
+    log = pd.read_csv(tmp_path / "log.tsv", sep="\t")
+    assert log["judge_reward_mean"].round(3).tolist() == [0.9, 0.79, 0.78]
+    assert log["stop_reason"].iloc[-1].startswith("held-out judge: its r_A has not risen above")
+    assert "(iteration 1) for 2 iterations" in log["stop_reason"].iloc[-1]
+
+
+def test_a_held_out_judge_is_set_in_the_config_and_given_together(tmp_path):
+    cfg = {**BASE, "max_iterations": 1}
+    with pytest.raises(ValueError, match="ddpo.stop_judge_patience needs ddpo.stop_judge"):
+        Settings.from_config({**cfg, "stop_judge_patience": 2})
+    with pytest.raises(ValueError, match="ddpo.stop_judge 'x' and the judge given to watch"):
+        _run({**cfg, "stop_judge": "x"}, tmp_path)
+    # watched without a patience: logged, never the reason to stop
+    sd = build_tiny_sd(TINY, 32)
+    args = (sd, _reward(), PROMPTS, {**cfg, "stop_judge": "x", "max_iterations": 3})
+    ddpo_train(*args, tmp_path / "m", tmp_path / "w.tsv", tmp_path / "c", watch=FallingJudge())
+    log = pd.read_csv(tmp_path / "w.tsv", sep="\t")
+    assert len(log) == 3 and log["stop_reason"].iloc[-1] == "max_iterations (3) reached"

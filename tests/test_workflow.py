@@ -189,6 +189,15 @@ def test_lint_is_clean():
             lambda c: c["finetune_sd"].update(crop="edges"),
             "Invalid config at key 'finetune_sd.crop': 'edges' is not one of ['center', 'none']",
         ),
+        (
+            lambda c: c["ddpo"].update(stop_judge="smallcnn"),
+            "Invalid config at key 'ddpo.stop_judge': 'smallcnn' must be a key of classifier "
+            "that is neither the reward nor a judge of evaluation.judges",
+        ),
+        (
+            lambda c: c.update(methods={"runs": {"awm": {"method": "awm"}}, "budgets": [0.001]}),
+            "Invalid config at key 'methods': methods: budget 0.001 of DDPO's",
+        ),
     ],
 )
 def test_schema_rejects_bad_configs_naming_the_key(tmp_path, edit, message):

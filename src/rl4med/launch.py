@@ -100,10 +100,12 @@ def run_ddpo(
     speed: Mapping[str, Any] | None = None,
     init_lora: str | None = None,
     start_iteration: int = 0,
+    watch: str = "",
 ) -> None:
     """Stage ii: DDPO of the stage-i model ``sd`` with the reward classifier's r_A.
     ``speed``: config ``sd.compile`` / ``sd.channels_last`` where set. ``init_lora``,
-    ``start_iteration``: continuing the published LoRA (config ``published``)."""
+    ``start_iteration``: continuing the published LoRA (config ``published``). ``watch``: the
+    held-out judge's folder (config ``ddpo.stop_judge``), or empty."""
     from rl4med.ddpo import AttributeReward
     from rl4med.ddpo.train import ddpo_train
     from rl4med.models.classifier import load_classifier
@@ -127,6 +129,7 @@ def run_ddpo(
         speed=SamplingSpeed.from_config(speed),
         init_lora=init_lora,
         start_iteration=start_iteration,
+        watch=AttributeReward(load_classifier(watch, dev)) if watch else None,
     )
     _log_weights(model_sd.unet)
 

@@ -21,6 +21,7 @@ from rl4med.prompts import Prompt, to_prompt
 class RewardOutput:
     reward: np.ndarray  # (B,)
     matches: np.ndarray  # (B, 6) 1 where the predicted attribute equals C(prompt), NaN: no head
+    watched: np.ndarray | None = None  # (B,) a held-out judge's r_A of the same images, if any
 
 
 RewardFn = Callable[[np.ndarray, Sequence[str | Prompt]], RewardOutput]

@@ -44,7 +44,7 @@ def sample_and_score(
     size = int(sd.unet.config.sample_size)
     latent_shape = (int(sd.unet.config.in_channels), size, size)
     traj = Trajectories.empty(prompt_index, run.sched.timesteps, latent_shape)
-    rewards, matches = [], []
+    rewards, matches, watched = [], [], []
     t_sample = t_score = 0.0
     run.unet.eval()
     for start in range(0, len(seeds), s.sample_batch_size):
@@ -65,12 +65,20 @@ def sample_and_score(
         traj.put(start, chunk)
         images = final_images(sd, chunk)
         t1 = time.perf_counter()
-        out = reward_fn(images, [run.prompts[i] for i in prompt_index[rows].tolist()])
+        prompts = [run.prompts[i] for i in prompt_index[rows].tolist()]
+        out = reward_fn(images, prompts)
+        if run.watch is not None:  # the held-out judge (ddpo.stop_judge), on the same images
+            watched.append(np.asarray(run.watch(images, prompts).reward, dtype=np.float64))
         del images
         rewards.append(np.asarray(out.reward, dtype=np.float64))
         matches.append(np.asarray(out.matches, dtype=np.float64))
         t_sample, t_score = t_sample + t1 - t0, t_score + time.perf_counter() - t1
-    return traj, RewardOutput(np.concatenate(rewards), np.concatenate(matches)), t_sample, t_score
+    scored = RewardOutput(
+        np.concatenate(rewards),
+        np.concatenate(matches),
+        np.concatenate(watched) if watched else None,
+    )
+    return traj, scored, t_sample, t_score
 
 
 def gather_rows(

@@ -7,8 +7,8 @@ sampling (num_steps, guidance_scale, eta, samples_per_prompt, sample_batch_size)
 gradient_accumulation_steps or rows_per_step, clip_range, learning_rate, weight_decay,
 max_grad_norm, kl_weight, train_timesteps, timestep_fraction, warmup_iterations, trainable,
 lora_rank, mixed_precision, gradient_checkpointing) and stopping (stop_epsilon, stop_patience,
-max_iterations). A run's inputs (the stage-i model, a LoRA to continue from) are arguments of
-``ddpo_train``, not settings.
+max_iterations, stop_judge, stop_judge_patience). A run's inputs (the stage-i model, a LoRA to
+continue from, the held-out judge's classifier) are arguments of ``ddpo_train``, not settings.
 """
 
 from __future__ import annotations
@@ -29,11 +29,26 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # settings that change memory use or speed but not the trajectories or updates (beyond rounding):
 # a run killed for memory may resume with a smaller sample_batch_size
-NOT_IN_FINGERPRINT = ("max_iterations", "sample_batch_size", "gradient_checkpointing")
+# nor does watching a held-out judge (stop_judge, stop_judge_patience): it only ends a run sooner
+NOT_IN_FINGERPRINT = (
+    "max_iterations",
+    "sample_batch_size",
+    "gradient_checkpointing",
+    "stop_judge",
+    "stop_judge_patience",
+)
 # schema keys without a schema default (a default would change every existing run's params),
 # with what their absence means; at that value a key stays out of the run's fingerprint, so a
 # run from before it resumes as it was
-OPTIONAL = {"rows_per_step": 0, "method": "ddpo", "awm_timesteps": 6, "draft_k": 1, "draft_lv": 0}
+OPTIONAL = {
+    "rows_per_step": 0,
+    "method": "ddpo",
+    "awm_timesteps": 6,
+    "draft_k": 1,
+    "draft_lv": 0,
+    "stop_judge": "",
+    "stop_judge_patience": 0,
+}
 METHODS = ("ddpo", "awm", "draft")
 
 
@@ -65,6 +80,10 @@ class Settings:
     awm_timesteps: int = 6
     draft_k: int = 1
     draft_lv: int = 0
+    # early stopping on a held-out judge (a classifier role of no panel): its r_A of each
+    # rollout is logged; with a patience, training stops once it has not risen for that long
+    stop_judge: str = ""
+    stop_judge_patience: int = 0
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     trainable: str = "full"
@@ -97,6 +116,12 @@ class Settings:
             raise ValueError(
                 f"ddpo.draft_lv {settings.draft_lv} needs draft_k 1 (DRaFT-LV noises the final "
                 f"latent again to the last step's level), not {settings.draft_k}"
+            )
+        if settings.stop_judge_patience < 0:
+            raise ValueError(f"ddpo.stop_judge_patience {settings.stop_judge_patience}: >= 1")
+        if settings.stop_judge_patience and not settings.stop_judge:
+            raise ValueError(
+                "ddpo.stop_judge_patience needs ddpo.stop_judge: the held-out judge it watches"
             )
         if settings.rows_per_step < 0:
             raise ValueError(f"ddpo.rows_per_step {settings.rows_per_step}: must be >= 1")

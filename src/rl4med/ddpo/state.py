@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler
 
 from rl4med.ddpo.settings import Settings
 from rl4med.ddpo.stats import PerPromptStatTracker
-from rl4med.ddpo.stopping import RewardPlateau
+from rl4med.ddpo.stopping import JudgeWatch, RewardPlateau
 from rl4med.models.sd import StableDiffusion
 from rl4med.prompts import Prompt
 
@@ -44,3 +44,5 @@ class Run:
     warned_clip: bool = False
     accumulation: int = 1  # micro-batches per optimizer step on each process
     reward: Any = None  # the reward function (DRaFT differentiates its ``soft`` form)
+    watch: Any = None  # the held-out judge's r_A function (ddpo.stop_judge), or None
+    watcher: JudgeWatch | None = None  # its early stopping

@@ -46,7 +46,6 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from rl4med.attributes import ATTRIBUTES
 from rl4med.checkpoint import (
     fingerprint,
     load_latest_checkpoint,
@@ -55,6 +54,7 @@ from rl4med.checkpoint import (
 )
 from rl4med.ddpo.awm import awm_update
 from rl4med.ddpo.draft import check_reward, draft_update
+from rl4med.ddpo.record import iteration_row
 from rl4med.ddpo.reward import RewardFn
 from rl4med.ddpo.rollout import gather_rows, iteration_generator, process_rows, sample_and_score
 from rl4med.ddpo.settings import (
@@ -68,8 +68,8 @@ from rl4med.ddpo.settings import (
 )
 from rl4med.ddpo.state import Run
 from rl4med.ddpo.stats import PerPromptStatTracker, clipped_advantages
-from rl4med.ddpo.stopping import RewardPlateau
-from rl4med.ddpo.update import RATIO_TOLERANCE, ppo_update
+from rl4med.ddpo.stopping import JudgeWatch, RewardPlateau
+from rl4med.ddpo.update import ppo_update
 from rl4med.io import write_table
 from rl4med.models.sd import StableDiffusion
 from rl4med.models.trainable import (
@@ -143,6 +143,7 @@ def ddpo_train(
     speed: SamplingSpeed | None = None,
     init_lora: str | os.PathLike[str] | None = None,
     start_iteration: int = 0,
+    watch: RewardFn | None = None,
 ) -> pd.DataFrame:
     """Fine-tune ``sd.unet`` with DDPO; save the model to ``out_dir`` and the log to ``log_tsv``.
 
@@ -154,6 +155,8 @@ def ddpo_train(
     ``init_lora``, ``start_iteration``: continuing from a published LoRA (the workflow passes
     them from config ``published``): the diffusers-0.17 attention LoRA the adapters start from
     and the iterations it was trained for (the first iteration run here is start_iteration + 1).
+    ``watch``: the held-out judge's r_A (config ``ddpo.stop_judge``), logged per iteration as
+    ``judge_reward_mean`` and, with ``stop_judge_patience``, an early stop (``JudgeWatch``).
     The log has, per iteration, reward mean/std, approximate KL, clip fraction, the on-policy
     ``ratio_deviation``, loss, learning rate, seconds (all and per part), per-attribute match
     rates (``match_*``) and per-prompt mean rewards (``reward_<slug>``).
@@ -166,6 +169,12 @@ def ddpo_train(
         check_reward(reward_fn)
     run = _setup(sd, prompts, s, device, tracking, speed or SamplingSpeed(), start)
     run.reward = reward_fn
+    if bool(s.stop_judge) != (watch is not None):
+        raise ValueError(
+            f"ddpo.stop_judge {s.stop_judge!r} and the judge given to watch "
+            f"({'none' if watch is None else 'one'}) disagree: set both or neither"
+        )
+    run.watch, run.watcher = watch, JudgeWatch(s.stop_judge_patience) if watch else None
     iteration, reason = _resume(run, checkpoint_dir, start)
     bar = tqdm(
         total=s.max_iterations,
@@ -179,6 +188,8 @@ def ddpo_train(
         if row is None:  # non-finite rewards: nothing learned, nothing saved
             continue
         reason = run.stopper.update(row["reward_mean"])
+        if run.watcher is not None:
+            reason = reason or run.watcher.update(row["judge_reward_mean"])
         _save(run, checkpoint_dir, iteration, reason)
         bar.update(1)
     bar.close()
@@ -229,7 +240,7 @@ def _setup(
     texts = sd.prompt_texts(prompts)  # the stage-i model's template
     settings = {k: v for k, v in asdict(s).items() if k not in NOT_IN_FINGERPRINT}
     for key, absent in OPTIONAL.items():  # unset: runs from before the key resume as they were
-        if settings[key] == absent:
+        if settings.get(key) == absent:
             settings.pop(key)
     # the start LoRA counts by its content (its file's digest), not by its path
     settings["start_iteration"] = start.iteration
@@ -336,10 +347,14 @@ def _resume(run: Run, checkpoint_dir: str | Path, start: Continuation) -> tuple[
         run.accel.scaler.load_state_dict(ckpt.extra["scaler"])
     run.tracker.load_state_dict(ckpt.state["tracker"])
     run.stopper.history, run.stopper.calm = ckpt.state["stopper"], int(ckpt.state["calm"])
+    if run.watcher is not None:
+        run.watcher.history = list(ckpt.state.get("judge_watch", []))
     run.history = ckpt.state["history"]
     log.info("resuming DDPO from %s/step_%08d", checkpoint_dir, ckpt.step)
     # a converged run stays done; one stopped by max_iterations goes on if that was raised
-    converged = run.stopper.calm >= run.stopper.patience
+    converged = run.stopper.calm >= run.stopper.patience or bool(
+        run.watcher and run.watcher.stopped()
+    )
     return ckpt.step, ckpt.state.get("stop_reason") if converged else None
 
 
@@ -356,6 +371,9 @@ def _iteration(run: Run, reward_fn: RewardFn, iteration: int) -> dict[str, Any] 
     )
     t1 = time.perf_counter()
     reward, matches = gather_rows(accel, local, scored.reward, scored.matches)
+    watched = None
+    if scored.watched is not None:
+        watched = gather_rows(accel, local, scored.watched, scored.matches)[0]
     slugs = [run.prompts[i].slug for i in prompt_index.tolist()]
     finite = np.isfinite(reward)
     if not finite.all():
@@ -377,75 +395,7 @@ def _iteration(run: Run, reward_fn: RewardFn, iteration: int) -> dict[str, Any] 
         "reward_seconds": round(t_score + t2 - t1, 6),
         "update_seconds": round(time.perf_counter() - t2, 6),
     }
-    return _record(run, iteration + 1, reward, matches, slugs, stats, times)
-
-
-def _record(
-    run: Run,
-    iteration: int,
-    reward: np.ndarray,
-    matches: np.ndarray,
-    slugs: list[str],
-    stats: dict[str, float],
-    times: dict[str, float],
-) -> dict[str, Any]:
-    """The iteration's log row: kept in the history, logged, sent to the tracker."""
-    tolerance = RATIO_TOLERANCE[run.s.mixed_precision]
-    if stats["ratio"] > tolerance:
-        log.warning(
-            "iteration %d: importance ratio %.2e away from 1 before the first update (tolerance "
-            "%.0e for mixed_precision %s): sampling and training do not run the same policy "
-            "(dtype, autocast, guidance, noise or train/eval mode)",
-            iteration,
-            stats["ratio"],
-            tolerance,
-            run.s.mixed_precision,
-        )
-    elif stats["ratio"] > run.s.clip_range and not run.warned_clip:
-        run.warned_clip = True
-        log.warning(
-            "iteration %d: rounding alone moves importance ratios by %.1e before any update, "
-            "more than clip_range %.0e: some actions of the first minibatch are clipped and give "
-            "no gradient (mixed_precision no, or a larger clip_range, avoids it; warned once)",
-            iteration,
-            stats["ratio"],
-            run.s.clip_range,
-        )
-    per_prompt = pd.Series(reward).groupby(np.array(slugs)).mean()
-    row = {
-        "iteration": iteration,
-        "reward_mean": float(reward.mean()),
-        "reward_std": float(reward.std()),
-        "approx_kl": stats["approx_kl"],
-        "clipfrac": stats["clipfrac"],
-        "ratio_deviation": stats["ratio"],
-        "loss": stats["loss"],
-        "optimizer_steps": stats["optimizer_steps"],
-        # images scored by the reward this iteration: the rollout's, and DRaFT's differentiated
-        # ones (each chain once per inner epoch, n + 1 times with DRaFT-LV)
-        "reward_queries": len(reward) * (1 + _update_queries(run.s)),
-        "lr": run.opt.param_groups[0]["lr"],
-        **times,
-        **{f"match_{a}": float(m) for a, m in zip(ATTRIBUTES, matches.mean(0), strict=True)},
-        **{f"reward_{k}": float(v) for k, v in per_prompt.items()},
-    }
-    run.history.append(row)
-    run.accel.log({k: v for k, v in row.items() if k != "iteration"}, step=iteration)
-    log.info(
-        "iteration %d: reward %.4f +- %.4f, approx KL %.2e, clipfrac %.3f, ratio deviation %.1e",
-        iteration,
-        row["reward_mean"],
-        row["reward_std"],
-        row["approx_kl"],
-        row["clipfrac"],
-        row["ratio_deviation"],
-    )
-    return row
-
-
-def _update_queries(s: Settings) -> int:
-    """Reward queries of the update per rollout chain: DRaFT scores each chain again."""
-    return s.inner_epochs * (1 + s.draft_lv) if s.method == "draft" else 0
+    return iteration_row(run, iteration + 1, reward, matches, slugs, stats, times, watched)
 
 
 def _save(run: Run, checkpoint_dir: str | Path, iteration: int, reason: str | None) -> None:
@@ -466,6 +416,7 @@ def _save(run: Run, checkpoint_dir: str | Path, iteration: int, reason: str | No
                 "tracker": run.tracker.state_dict(),
                 "stopper": run.stopper.history,
                 "calm": run.stopper.calm,
+                "judge_watch": run.watcher.history if run.watcher is not None else [],
                 "stop_reason": reason,
             },
         )
