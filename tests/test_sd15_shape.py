@@ -32,7 +32,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from rl4med.data.synthetic import generate_dataset
 from rl4med.ddpo import RewardOutput
-from rl4med.ddpo.train import RATIO_TOLERANCE, ddpo_train
+from rl4med.ddpo.train import ddpo_train
+from rl4med.ddpo.update import RATIO_TOLERANCE
 from rl4med.models.sd import load_sd
 from rl4med.models.sd15 import (
     SD15_SCHEDULER,

@@ -20,7 +20,8 @@ from snakemake.utils import validate
 from test_workflow import jobs, load, model_jobs, snakemake, write_config
 from tiny_models import tiny_sd_config
 
-from rl4med.ddpo.train import RATIO_TOLERANCE, Settings, ddpo_train
+from rl4med.ddpo.train import Settings, ddpo_train
+from rl4med.ddpo.update import RATIO_TOLERANCE
 from rl4med.evaluation.samples import SamplingSettings, generate_samples, read_index, sample_seeds
 from rl4med.models.sd import build_tiny_sd
 from rl4med.prompts import to_prompt
