@@ -89,6 +89,26 @@ def goals(table: pd.DataFrame, quality: pd.DataFrame) -> list[str]:
                 f"{_pts(last['change'])} {_ci(last['ci_low'], last['ci_high'])}, "
                 f"{last['wall_seconds'] / 60:.1f} min)."
             )
+    best = ref.loc[ref["change"].idxmax()]
+    if best["reward_queries"] != full["reward_queries"]:
+        lines.append(
+            f"- DDPO's best budget is not its full one: {int(best['reward_queries'])} queries, "
+            f"panel minimum {_pts(best['change'])} {_ci(best['ci_low'], best['ci_high'])}."
+        )
+    for method, part in low.groupby("method", sort=False):
+        if method == REFERENCE:
+            continue
+        above = part[part["change"] >= best["change"]].sort_values("reward_queries")
+        lines.append(
+            f"- {method} against DDPO's best budget ({_pts(best['change'])}): "
+            + (
+                f"reached at {above.iloc[0]['reward_queries'] / full['reward_queries']:.3g} of "
+                f"DDPO's full reward queries ({_pts(above.iloc[0]['change'])} "
+                f"{_ci(above.iloc[0]['ci_low'], above.iloc[0]['ci_high'])})."
+                if len(above)
+                else "not reached at any budget."
+            )
+        )
     for method, part in table[table["judge"] != PANEL_MIN].groupby("method", sort=False):
         last = part[part["reward_queries"] == part["reward_queries"].max()]
         gap = last["reward_minus_judge"]
