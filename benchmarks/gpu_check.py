@@ -436,16 +436,9 @@ def speed_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
     return best
 
 
-def ddpo_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
-    """One DDPO iteration at the paper's settings; returns GPU seconds per trajectory."""
-    import numpy as np
-    import torch
-
-    from rl4med.ddpo import RewardOutput
-    from rl4med.ddpo.train import ddpo_train
-    from rl4med.prompts import all_prompts
-
-    cfg = {
+def iteration_config(plan: Plan) -> dict[str, Any]:
+    """One short stage-ii iteration at the paper's ddpo settings, LoRA rank 4."""
+    return {
         **paper_config()["ddpo"],
         "max_iterations": 1,
         "samples_per_prompt": 1,
@@ -458,6 +451,31 @@ def ddpo_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
         "trainable": "lora",
         "lora_rank": 4,
     }
+
+
+def one_iteration(sd: Any, reward: Any, cfg: dict[str, Any], plan: Plan, folder: Path) -> Any:
+    """Run ``cfg``'s iteration on the plan's device from a fresh accelerator and memory peak;
+    returns its log row."""
+    import torch
+
+    from rl4med.ddpo.train import ddpo_train
+    from rl4med.prompts import all_prompts
+
+    sd.to(plan.device, torch.float32)  # the policy's weights, as load_sd gives them to the rule
+    fresh_accelerator()
+    reset_peak()
+    prompts = all_prompts()[: plan.trajectories]
+    args = (folder / "model", folder / "log.tsv", folder / "checkpoints")
+    return ddpo_train(sd, reward, prompts, cfg, *args, device=plan.device).iloc[0]
+
+
+def ddpo_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
+    """One DDPO iteration at the paper's settings; returns GPU seconds per trajectory."""
+    import numpy as np
+
+    from rl4med.ddpo import RewardOutput
+
+    cfg = iteration_config(plan)
     section = (
         f"DDPO iteration ({plan.trajectories} trajectories, LoRA rank 4, {cfg['mixed_precision']}, "
         f"{plan.steps} steps, sample batch {plan.sample_batch}, train batch {plan.train_batch})"
@@ -466,21 +484,7 @@ def ddpo_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
     def constant(images: np.ndarray, prompts: Any) -> RewardOutput:
         return RewardOutput(np.ones(len(images)), np.ones((len(images), 6)))
 
-    sd.to(plan.device, torch.float32)  # the policy's weights, as load_sd gives them to the rule
-    fresh_accelerator()
-    reset_peak()
-    d = work / "ddpo"
-    curve = ddpo_train(
-        sd,
-        constant,
-        all_prompts()[: plan.trajectories],
-        cfg,
-        d / "model",
-        d / "log.tsv",
-        d / "checkpoints",
-        device=plan.device,
-    )
-    row = curve.iloc[0]
+    row = one_iteration(sd, constant, cfg, plan, work / "ddpo")
     n = plan.trajectories
     for part in ("sample", "reward", "update"):
         report.add(
@@ -512,27 +516,12 @@ def methods_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
     """One iteration of each update rule (``ddpo.method``: ddpo, awm, draft) with the reward
     classifier's own architecture (the authors' EfficientNet-B0 at the model's size, random
     weights: its time is the point, not its verdicts); returns DDPO's seconds per trajectory."""
-    import torch
-
     from rl4med.ddpo.reward import AttributeReward
-    from rl4med.ddpo.train import ddpo_train
     from rl4med.models.classifier import AttributeClassifier, ClassifierSpec, create_backbone
-    from rl4med.prompts import all_prompts
 
     spec = ClassifierSpec("torchvision/efficientnet_b0", plan.size, [0.5] * 6)
     classifier = AttributeClassifier(spec, create_backbone(spec.architecture)).to(plan.device)
-    base = {
-        **paper_config()["ddpo"],
-        "max_iterations": 1,
-        "samples_per_prompt": 1,
-        "num_steps": plan.steps,
-        "mixed_precision": "fp16" if plan.cuda else "bf16",
-        "sample_batch_size": plan.sample_batch,
-        "batch_size": plan.train_batch,
-        "rows_per_step": plan.trajectories,
-        "trainable": "lora",
-        "lora_rank": 4,
-    }
+    base = iteration_config(plan)
     state = {k: v.detach().clone() for k, v in sd.unet.state_dict().items()}
     seconds = {}
     for method in ("ddpo", "awm", "draft"):
@@ -541,21 +530,9 @@ def methods_part(sd: Any, plan: Plan, report: Report, work: Path) -> float:
             f"Update rules: one iteration of {method} (EfficientNet-B0 reward, random weights)"
         )
         sd.unet.load_state_dict(state)  # each rule from the same weights
-        sd.to(plan.device, torch.float32)
-        fresh_accelerator()
-        reset_peak()
-        d = work / f"method-{method}"
-        curve = ddpo_train(
-            sd,
-            AttributeReward(classifier),
-            all_prompts()[: plan.trajectories],
-            cfg,
-            d / "model",
-            d / "log.tsv",
-            d / "checkpoints",
-            device=plan.device,
-        )
-        row, n = curve.iloc[0], plan.trajectories
+        folder = work / f"method-{method}"
+        row = one_iteration(sd, AttributeReward(classifier), cfg, plan, folder)
+        n = plan.trajectories
         for part in ("sample", "reward", "update"):
             report.add(
                 section,
