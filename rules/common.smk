@@ -206,8 +206,9 @@ except (ValueError, KeyError) as err:
     raise WorkflowError(f"Invalid config at key 'methods': {err}") from None
 METHOD_FINAL = {arm["run"]: name for name, arm in METHOD_ARMS.items() if arm["budget"] == 1.0}
 MODEL_DIRS.update(
-    {name: f"results/methods/{name.removeprefix('methods-')}/model" for name in METHOD_ARMS}
+    {name: f"results/methods/{arm['folder']}/model" for name, arm in METHOD_ARMS.items()}
 )
+ARM_BY_FOLDER = {arm["folder"]: arm for arm in METHOD_ARMS.values()}  # the {arm} wildcard
 METHOD_GRID_PROMPTS = (METHODS.get("grid_prompts") or EVAL_SLUGS[:4]) if METHODS else []
 if set(METHOD_GRID_PROMPTS) - set(EVAL_SLUGS):
     raise WorkflowError(

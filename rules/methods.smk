@@ -11,25 +11,25 @@ if METHODS:
             reward="results/models/classifier_reward",
             **STOP_JUDGE_INPUT,
             # the same run's previous budget: this job resumes its checkpoints
-            previous=lambda wc: (
-                [f"results/methods/{METHOD_ARMS[f'methods-{wc.arm}']['previous'].removeprefix('methods-')}/iterations.tsv"]
-                if METHOD_ARMS[f"methods-{wc.arm}"]["previous"]
-                else []
-            ),
+            previous=lambda wc: [
+                f"results/methods/{METHOD_ARMS[name]['folder']}/iterations.tsv"
+                for name in [ARM_BY_FOLDER[wc.arm]["previous"]]
+                if name
+            ],
         output:
             model=directory("results/methods/{arm}/model"),
             log_tsv="results/methods/{arm}/iterations.tsv",
         log:
             "logs/methods/ddpo_{arm}.log",
         params:
-            cfg=lambda wc: METHOD_ARMS[f"methods-{wc.arm}"]["settings"],
+            cfg=lambda wc: ARM_BY_FOLDER[wc.arm]["settings"],
             device=config["sd"]["device"],
             processes=processes("ddpo"),
             tracking=lambda wc: tracking(f"methods/{wc.arm}"),
-            checkpoints=lambda wc: f"results/checkpoints/methods/{METHOD_ARMS[f'methods-{wc.arm}']['run']}",
+            checkpoints=lambda wc: f"results/checkpoints/methods/{ARM_BY_FOLDER[wc.arm]['run']}",
             **SPEED_PARAMS,
         wildcard_constraints:
-            arm="|".join(re.escape(a.removeprefix("methods-")) for a in METHOD_ARMS),
+            arm="|".join(re.escape(a) for a in ARM_BY_FOLDER),
         priority: 10
         threads: resource("ddpo", "cpus")
         resources:
@@ -47,9 +47,7 @@ if METHODS:
         input:
             sd=expand("results/evaluation/{kind}_sd.tsv", kind=["scores", "fd", "lpips"]),
             scores=expand("results/evaluation/scores_{m}.tsv", m=METHOD_ARMS),
-            iterations=expand(
-                "results/methods/{a}/iterations.tsv", a=[m.removeprefix("methods-") for m in METHOD_ARMS]
-            ),
+            iterations=expand("results/methods/{a}/iterations.tsv", a=ARM_BY_FOLDER),
             # FD and LPIPS at each run's full budget only (the same number of samples as SD's)
             quality=expand("results/evaluation/{kind}_{m}.tsv", kind=["fd", "lpips"], m=METHOD_FINAL.values()),
             grid_samples=[

@@ -21,7 +21,7 @@ def read(path: str) -> pd.DataFrame:
 
 def main() -> None:
     arms = dict(smk.params.arms)
-    runs = {name: name.removeprefix("methods-") for name in arms}
+    runs = {name: arm["folder"] for name, arm in arms.items()}
     n_boot, seed = int(smk.params.bootstrap), int(smk.params.seed)
     table = methods_table(
         read("results/evaluation/scores_sd.tsv"),

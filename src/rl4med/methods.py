@@ -75,9 +75,10 @@ def method_arms(
     methods_cfg: Mapping[str, Any], ddpo_cfg: Mapping[str, Any], n_prompts: int
 ) -> dict[str, dict[str, Any]]:
     """One entry per (run, budget), named ``methods-<run>-b<budget>``, in run then budget order:
-    ``run``, ``budget``, ``settings`` (the ddpo config with the run's overrides and the budget's
-    ``max_iterations``), ``reward_queries`` (planned), ``queries_per_chain``, ``previous`` (the
-    same run's previous budget, whose checkpoints this one resumes; None for the first)."""
+    ``run``, ``folder`` (``<run>-b<budget>``, under results/methods), ``budget``, ``settings``
+    (the ddpo config with the run's overrides and the budget's ``max_iterations``),
+    ``reward_queries`` (planned), ``queries_per_chain``, ``previous`` (the same run's previous
+    budget, whose checkpoints this one resumes; None for the first)."""
     runs: Mapping[str, Mapping[str, Any]] = methods_cfg["runs"]
     budgets: Sequence[float] = sorted(float(b) for b in methods_cfg["budgets"])
     if not runs or not budgets:
@@ -107,9 +108,11 @@ def method_arms(
                     f"methods: budget {budget:g} of DDPO's {full} reward queries is less than one "
                     f"iteration of run {run!r} ({per_iteration} queries)"
                 )
-            name = f"{PREFIX}-{run}-{_fmt_budget(budget)}"
+            folder = f"{run}-{_fmt_budget(budget)}"
+            name = f"{PREFIX}-{folder}"
             arms[name] = {
                 "run": run,
+                "folder": folder,
                 "budget": budget,
                 "settings": {**settings, "max_iterations": iterations},
                 "reward_queries": iterations * per_iteration,

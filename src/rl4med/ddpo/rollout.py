@@ -82,13 +82,11 @@ def sample_and_score(
 
 
 def gather_rows(
-    accel: Accelerator, local: torch.Tensor, reward: np.ndarray, matches: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rewards and attribute matches of all processes' trajectories, in global row order."""
+    accel: Accelerator, local: torch.Tensor, *arrays: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """Each array's rows from all processes' trajectories, in global row order (rewards,
+    attribute matches, the held-out judge's r_A)."""
     if accel.num_processes == 1:
-        return reward, matches
-    rows = np.array(gather_object(local.tolist()))
-    reward = np.array(gather_object(reward.tolist()))
-    matches = np.array(gather_object(matches.tolist()))
-    order = np.argsort(rows)
-    return reward[order], matches[order]
+        return arrays
+    order = np.argsort(np.array(gather_object(local.tolist())))
+    return tuple(np.array(gather_object(a.tolist()))[order] for a in arrays)

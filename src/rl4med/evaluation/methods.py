@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -23,6 +22,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from rl4med.evaluation.apr import bootstrap_ci, lpips_mean, paired_change  # noqa: E402
 from rl4med.evaluation.samples import read_index  # noqa: E402
+from rl4med.io import atomic_path  # noqa: E402
 from rl4med.methods import unet_forwards_per_chain  # noqa: E402
 
 COLUMNS = [
@@ -177,10 +177,9 @@ def methods_plot(table: pd.DataFrame, path: str | os.PathLike[str]) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("Stage ii methods at equal reward queries (faint: each judge of the panel)")
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def methods_grid(
@@ -211,6 +210,5 @@ def methods_grid(
                 with Image.open(file) as im:
                     sheet.paste(im.convert("RGB").resize((tile, tile)), (120 + j * (tile + pad), y))
             y += tile + pad
-    tmp = Path(path).with_suffix(".tmp.png")
-    sheet.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
