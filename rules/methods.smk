@@ -78,6 +78,7 @@ if METHODS:
             "logs/methods/methods_table.log",
         params:
             arms=METHOD_ARMS,
+            finals=METHOD_FINAL,
             judges=JUDGES,
             grid_prompts=METHOD_GRID_PROMPTS,
             grid_samples=METHODS.get("grid_samples", 4),

@@ -33,7 +33,7 @@ def main() -> None:
         seed,
     )
     write_table(table, smk.output.table)
-    finals = {a["run"]: name for name, a in arms.items() if float(a["budget"]) == 1.0}
+    finals = dict(smk.params.finals)  # run -> its full-budget arm (rules/common.smk)
     sd = {k: read(f"results/evaluation/{k}_sd.tsv") for k in ("fd", "lpips")}
     quality = quality_table(
         sd,
