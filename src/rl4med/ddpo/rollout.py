@@ -82,11 +82,11 @@ def sample_and_score(
 
 
 def gather_rows(
-    accel: Accelerator, local: torch.Tensor, *arrays: np.ndarray
-) -> tuple[np.ndarray, ...]:
+    accel: Accelerator, local: torch.Tensor, *arrays: np.ndarray | None
+) -> tuple[np.ndarray | None, ...]:
     """Each array's rows from all processes' trajectories, in global row order (rewards,
-    attribute matches, the held-out judge's r_A)."""
+    attribute matches, the held-out judge's r_A); None stays None (no held-out judge)."""
     if accel.num_processes == 1:
         return arrays
     order = np.argsort(np.array(gather_object(local.tolist())))
-    return tuple(np.array(gather_object(a.tolist()))[order] for a in arrays)
+    return tuple(None if a is None else np.array(gather_object(a.tolist()))[order] for a in arrays)

@@ -370,8 +370,9 @@ def _iteration(run: Run, reward_fn: RewardFn, iteration: int) -> dict[str, Any] 
         run, reward_fn, prompt_index[local], seeds[local].tolist()
     )
     t1 = time.perf_counter()
-    watched = [] if scored.watched is None else [scored.watched]
-    reward, matches, *watched = gather_rows(accel, local, scored.reward, scored.matches, *watched)
+    reward, matches, watched = gather_rows(
+        accel, local, scored.reward, scored.matches, scored.watched
+    )
     slugs = [run.prompts[i].slug for i in prompt_index.tolist()]
     finite = np.isfinite(reward)
     if not finite.all():
@@ -393,8 +394,7 @@ def _iteration(run: Run, reward_fn: RewardFn, iteration: int) -> dict[str, Any] 
         "reward_seconds": round(t_score + t2 - t1, 6),
         "update_seconds": round(time.perf_counter() - t2, 6),
     }
-    judge = watched[0] if watched else None
-    return iteration_row(run, iteration + 1, reward, matches, slugs, stats, times, judge)
+    return iteration_row(run, iteration + 1, reward, matches, slugs, stats, times, watched)
 
 
 def _save(run: Run, checkpoint_dir: str | Path, iteration: int, reason: str | None) -> None:
