@@ -90,9 +90,14 @@ def _launch(step, args, processes, capsys):
 
 
 def _ranks(log, pattern):
-    """rank -> the first match of ``pattern`` on that rank's lines of the log."""
+    """rank -> the first match of ``pattern`` on that rank's lines of the log. Lines end at
+    carriage returns too: a rank's line can follow another rank's progress bar (tqdm)."""
     found = {}
-    for rank, rest in re.findall(r"^\[rank(\d+)\] (.*)$", log, re.M):
+    for line in log.splitlines():
+        prefixed = re.match(r"\[rank(\d+)\] (.*)", line)
+        if not prefixed:
+            continue
+        rank, rest = prefixed.groups()
         m = re.search(pattern, rest)
         if m and int(rank) not in found:
             found[int(rank)] = m.group(1)
